@@ -1,0 +1,40 @@
+"""reidlib: person re-identification by fine-tuning CLIP.
+
+CLIP-ReID's two stages (learn identity prompts with CLIP frozen, then fine-tune the image encoder
+with ID, triplet and image-to-text losses), the thesis's deep textual prompts and LoRA, exact and
+fast evaluation, and notebooks that reproduce the baseline-vs-proposed table.
+
+Five lines::
+
+    import reidlib
+    cfg = reidlib.load_config("vit_proposed", ["data.root=/data/market1501"])
+    metrics = reidlib.train(cfg)                  # stage 1 + stage 2 + final evaluation
+    print(metrics["rank1"], metrics["mAP"])
+"""
+from .config import Config, help_text, load_config, method_config
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "load_config", "method_config", "help_text", "build_model", "load_dataset",
+           "train", "test", "evaluate", "rerank", "extract_features", "load_trained_model"]
+
+
+def __getattr__(name):
+    # Heavy modules (torch, open_clip) load on first use, so `import reidlib` and the CLI's
+    # --help stay fast.
+    if name == "build_model":
+        from .model import build_model
+        return build_model
+    if name == "load_dataset":
+        from .data import load_dataset
+        return load_dataset
+    if name in ("train", "test", "load_trained_model"):
+        from .engine import trainer
+        return getattr(trainer, name)
+    if name in ("evaluate", "rerank"):
+        from . import eval as evaluation
+        return getattr(evaluation, name)
+    if name == "extract_features":
+        from .eval.extract import extract_features
+        return extract_features
+    raise AttributeError(f"module 'reidlib' has no attribute '{name}'")

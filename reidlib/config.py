@@ -1,0 +1,347 @@
+"""Typed configuration: dataclasses, YAML loading, ``key.sub=value`` overrides.
+
+Every key is declared once, here, with its default and a one-line help text (the ``help``
+metadata); ``python -m reidlib --help`` prints them all. YAML files in ``reidlib/configs/`` set
+only what differs from these defaults, and may start from another file with ``base: NAME``.
+
+Example::
+
+    from reidlib import load_config
+    cfg = load_config("vit_proposed", ["data.root=/data", "stage2.epochs=30"])
+    cfg.model.prompt            # 'deep'
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def opt(default: Any, help: str):  # noqa: A002 - "help" reads best at the call sites
+    """A dataclass field with a default (copied for lists/dicts) and a help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(False, "apply LoRA (peft) to the vision tower in stage 2; stage 2 then trains LoRA, LayerNorms, BNNeck and classifiers only")
+    r: int = opt(16, "LoRA rank")
+    alpha: float = opt(4.0, "LoRA alpha; scaling is alpha/sqrt(r) with rslora, alpha/r without")
+    dropout: float = opt(0.05, "dropout on the LoRA branch input")
+    rslora: bool = opt(True, "rank-stabilised scaling alpha/sqrt(r) (peft use_rslora), as the thesis")
+    targets: list = opt(["q", "k", "v", "out"], "projections to adapt: any of q, k, v, out, mlp (mlp = both MLP Linears)")
+    blocks: str = opt("all", "vision blocks to adapt: all | top | bottom | half-up | half-bottom | comma list of indices, e.g. '8,9,10,11'")
+    lr: float = opt(5.0e-6, "stage-2 base LR when LoRA is on; 5e-6 is the thesis's (its full fine-tuning LR); LoRA usually wants far more, e.g. 1e-4")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("ViT-B-16", "open_clip architecture (ViT-B-16, RN50) or a reidlib test config (vit-tiny, rn-tiny)")
+    pretrained: str = opt("openai", "weights: 'openai' (open_clip tag, needs network once), a local file (OpenAI .pt JIT/state dict, open_clip checkpoint), or 'none' (random init)")
+    quick_gelu: str = opt("auto", "QuickGELU activations: auto (on for OpenAI weights, which were trained with it) | true | false")
+    image_size: list = opt([256, 128], "input height, width")
+    stride: int = opt(16, "patch-embedding stride; 12 gives overlapping patches (OLP)")
+    sie_camera: bool = opt(False, "side information embedding: a learnable per-camera vector added to the CLS token")
+    sie_coe: float = opt(3.0, "SIE coefficient (1.0 in the SIE+OLP setting)")
+    neck_feat: str = opt("before", "test feature taken before or after the BNNeck: before | after")
+    prompt: str = opt("clipreid", "prompt learner: clipreid (per-ID tokens at the input) | deep (shared + per-ID tokens in intermediate text layers)")
+    n_shared: int = opt(0, "shared learnable prompt tokens")
+    n_per_id: int = opt(4, "identity-specific learnable prompt tokens")
+    depth: int = opt(1, "layers that receive prompts: 1 = input only; 9 = input + text blocks 1..8")
+    deep_per_id: bool = opt(True, "with depth > 1, also replace the per-ID tokens in deep layers (false: per-ID only at the input, shared deep)")
+    class_token: str = opt("person", "the word after the prompt tokens in the template ('vehicle' for vehicle data)")
+    text_chunk: int = opt(64, "identities per chunk when computing all text features for stage 2")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("market1501", "market1501 | dukemtmc | msmt17 | iust | occ_duke | folder")
+    root: str = opt("data", "folder that holds the data set (its usual nesting is found automatically)")
+    num_workers: int = opt(4, "DataLoader worker processes (0 = main process)")
+    padding: int = opt(10, "zero padding before the random crop")
+    flip_prob: float = opt(0.5, "horizontal flip probability")
+    erase_prob: float = opt(0.5, "random erasing probability (random-normal fill)")
+    pixel_mean: list = opt([0.5, 0.5, 0.5], "normalisation mean (CLIP ViT as the reference: 0.5; RN50: ImageNet)")
+    pixel_std: list = opt([0.5, 0.5, 0.5], "normalisation std")
+    interpolation: str = opt("bicubic", "resize interpolation, train and test alike (the reference tests with bilinear: set test_interpolation)")
+    test_interpolation: str = opt("bicubic", "resize interpolation at test time")
+    gpu_augment: bool = opt(True, "on CUDA: decode the train set once to a uint8 cache and augment on the GPU")
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = opt(120, "prompt-learning epochs")
+    batch_size: int = opt(64, "cached image features per step")
+    lr: float = opt(3.5e-4, "Adam base LR (thesis 5e-4)")
+    weight_decay: float = opt(1e-4, "Adam L2 weight decay")
+    warmup_epochs: int = opt(5, "linear warm-up epochs")
+    warmup_lr: float = opt(1e-5, "LR at the start of warm-up")
+    min_lr: float = opt(1e-6, "cosine floor")
+    checkpoint_period: int = opt(0, "save a resumable checkpoint every N epochs (0 = at the end only)")
+    log_period: int = opt(50, "steps between log lines")
+
+
+@dataclass
+class Stage2Config:
+    epochs: int = opt(60, "image-encoder fine-tuning epochs")
+    ims_per_batch: int = opt(64, "images per batch (P identities x K instances)")
+    num_instance: int = opt(4, "K: images per identity in a batch")
+    lr: float = opt(5e-6, "Adam base LR (full fine-tuning; LoRA uses model.lora.lr)")
+    bias_lr_factor: float = opt(2.0, "LR multiplier for bias parameters")
+    weight_decay: float = opt(1e-4, "Adam L2 weight decay")
+    weight_decay_bias: float = opt(1e-4, "weight decay for biases")
+    warmup_epochs: int = opt(10, "linear warm-up epochs")
+    warmup_factor: float = opt(0.1, "LR factor at the start of warm-up")
+    steps: list = opt([30, 50], "epochs at which the LR is multiplied by gamma")
+    gamma: float = opt(0.1, "LR decay factor")
+    id_weight: float = opt(0.25, "weight of the ID (label-smoothed CE) loss (RN50: 1.0)")
+    tri_weight: float = opt(1.0, "weight of the batch-hard triplet loss")
+    i2t_weight: float = opt(1.0, "weight of the image-to-text CE loss")
+    margin: float = opt(0.3, "triplet margin")
+    label_smoothing: float = opt(0.1, "epsilon of the label-smoothed CE losses")
+    checkpoint_period: int = opt(0, "save a resumable checkpoint every N epochs (0 = at the end only)")
+    eval_period: int = opt(0, "evaluate on query/gallery every N epochs (0 = at the end only); logged, never used to pick a model")
+    log_period: int = opt(50, "steps between log lines")
+
+
+@dataclass
+class TestConfig:
+    weights: str = opt("", "checkpoint to evaluate or extract with (python -m reidlib test/extract)")
+    feat_norm: bool = opt(True, "L2-normalise features before the distance")
+    metric: str = opt("euclidean", "euclidean (squared) | cosine")
+    batch_size: int = opt(128, "images per inference batch")
+    flip: bool = opt(False, "flip test-time augmentation: average the features of the image and its mirror")
+    rerank: bool = opt(False, "also report k-reciprocal re-ranked metrics")
+    k1: int = opt(20, "re-ranking k1")
+    k2: int = opt(6, "re-ranking k2")
+    lambda_value: float = opt(0.3, "re-ranking weight of the original distance")
+    max_rank: int = opt(50, "length of the CMC curve")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    test: TestConfig = field(default_factory=TestConfig)
+    seed: int = opt(1234, "seed for python, numpy, torch and the samplers")
+    output_dir: str = opt("results/runs/default", "run folder: resolved config, checkpoints, metrics.jsonl, metrics.json")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    compile: bool = opt(False, "torch.compile the image encoder (CUDA)")
+    resume: str = opt("auto", "auto (continue from the run folder's latest checkpoint) | none | PATH")
+    stage1_weights: str = opt("", "skip stage 1 and load its prompts from this checkpoint")
+    base: str = opt("", "YAML only: the config this file starts from (a file in reidlib/configs or a path)")
+
+
+# The methods of the thesis table, each a shipped config plus overrides.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("vit_clipreid", []),
+    "proposed": ("vit_proposed", []),
+    "deep_only": ("vit_proposed", ["model.lora.enabled=false"]),
+    "lora_only": ("vit_clipreid", ["model.lora.enabled=true"]),
+}
+
+
+def method_config(method: str, overrides: list[str] | None = None, base: str | None = None) -> Config:
+    """The config of a named method (``baseline | proposed | deep_only | lora_only``).
+
+    ``base`` replaces the method's YAML (e.g. ``tiny`` for tests and the demo) while keeping the
+    method's model settings, which are applied on top of it.
+    """
+    if method not in METHODS:
+        raise _unknown_key_error(method, list(METHODS), "the method name")
+    name, extra = METHODS[method]
+    if base is None:
+        return load_config(name, extra + list(overrides or []))
+    method_keys = [f"{k}={v}" for k, (v, _) in _read_yaml_chain(resolve_config_path(name)).items()
+                   if k.startswith("model.") and k not in ("model.name", "model.pretrained")]
+    return load_config(base, method_keys + extra + list(overrides or []))
+
+
+# --------------------------------------------------------------------------- helpers
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (what is saved next to results and in checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def all_keys(cls=Config, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
+    """Dotted key -> (type, help, default) for every leaf key."""
+    out = {}
+    hints = get_type_hints(cls)
+    instance = cls()
+    for f in fields(cls):
+        typ = hints[f.name]
+        if is_dataclass(typ):
+            out.update(all_keys(typ, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (typ, f.metadata.get("help", ""), getattr(instance, f.name))
+    return out
+
+
+def help_text() -> str:
+    """Every config key with its default and meaning, one per line."""
+    lines = []
+    for key, (_, text, default) in all_keys().items():
+        lines.append(f"  {key} = {default!r}\n      {text}")
+    return "\n".join(lines)
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> KeyError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m reidlib --help` for the keys"
+    return KeyError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(value: Any, typ, key: str) -> Any:
+    """Convert a YAML or command-line value to the declared type, with a clear error."""
+    origin = get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        text = value.strip()
+        if origin is bool:
+            low = text.lower()
+            if low in ("true", "yes", "1", "on"):
+                return True
+            if low in ("false", "no", "0", "off"):
+                return False
+            raise ValueError(f"config key '{key}' wants true/false, got '{value}'")
+        if origin in (int, float):
+            try:
+                number = float(text)  # YAML 1.1 reads '5e-06' as a string
+                return int(number) if origin is int and number.is_integer() else number
+            except ValueError:
+                raise ValueError(f"config key '{key}' wants a number, got '{value}'") from None
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as err:
+                raise ValueError(f"config key '{key}': cannot parse '{value}'") from err
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if origin is str and isinstance(value, bool):
+        return "true" if value else "false"
+    if origin is str and value is not None and not isinstance(value, str):
+        return str(value)
+    if origin is list and isinstance(value, (tuple, list)):
+        return list(value)
+    if origin is list and not isinstance(value, list):
+        return [value]
+    if origin in (int, float, bool, str, list) and not isinstance(value, origin):
+        raise ValueError(f"config key '{key}' wants {origin.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg, dotted: str, value: Any, where: str) -> None:
+    keys = all_keys()
+    if dotted not in keys:
+        raise _unknown_key_error(dotted, list(keys), where)
+    typ = keys[dotted][0]
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = getattr(node, p)
+    setattr(node, leaf, _coerce(value, typ, dotted))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        section = name in {f.name for f in fields(Config)} or name == "model.lora"
+        if isinstance(v, dict) and section:
+            flat.update(_flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a shipped config by name (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config '{name}' not found: pass a YAML path or one of {', '.join(names)}")
+
+
+def _read_yaml_chain(path: Path, seen: tuple = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ValueError(f"config {path}: 'base' chain loops back to itself")
+    with open(path) as fh:
+        tree = yaml.safe_load(fh) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"config {path}: expected a mapping of keys, got {type(tree).__name__}")
+    flat = _flatten(tree)
+    base = flat.pop("base", "")
+    merged = _read_yaml_chain(resolve_config_path(base), seen + (path,)) if base else {}
+    merged.update({k: (v, str(path)) for k, v in flat.items()})
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
+
+    Example::
+
+        cfg = load_config("vit_clipreid", ["data.dataset=dukemtmc", "stage1.lr=5e-4"])
+    """
+    cfg = Config()
+    if path is not None:
+        for key, (value, where) in _read_yaml_chain(resolve_config_path(path)).items():
+            _set(cfg, key, value, where)
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not key=value (e.g. stage2.epochs=30)")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, "the command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. the one stored in a checkpoint)."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value, "a saved config")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key checks with one-line messages."""
+    checks = [
+        (cfg.model.neck_feat in ("before", "after"), "model.neck_feat must be 'before' or 'after'"),
+        (cfg.model.prompt in ("clipreid", "deep"), "model.prompt must be 'clipreid' or 'deep'"),
+        (cfg.model.quick_gelu in ("auto", "true", "false"), "model.quick_gelu must be auto, true or false"),
+        (cfg.model.depth >= 1, "model.depth must be >= 1 (1 = prompts at the input only)"),
+        (cfg.model.n_shared + cfg.model.n_per_id >= 1, "model.n_shared + model.n_per_id must be >= 1"),
+        (cfg.test.metric in ("euclidean", "cosine"), "test.metric must be 'euclidean' or 'cosine'"),
+        (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+        (cfg.stage2.ims_per_batch % cfg.stage2.num_instance == 0,
+         "stage2.ims_per_batch must be a multiple of stage2.num_instance"),
+        (set(cfg.model.lora.targets) <= {"q", "k", "v", "out", "mlp"},
+         "model.lora.targets may hold only q, k, v, out, mlp"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,30 @@
+"""Data: data sets, image reading, P x K sampling, transforms, and a generated data set.
+
+Example::
+
+    from reidlib.data import load_dataset, ImageDataset, RandomIdentitySampler, build_transforms
+    ds = load_dataset("market1501", "data")
+    train = ImageDataset(ds.train, build_transforms(cfg.data, cfg.model.image_size, train=True))
+    sampler = RandomIdentitySampler(ds.train, batch_size=64, num_instance=4, seed=0)
+"""
+from .datasets import Item, ReIDDataset, dataset_names, load_dataset, register_dataset
+from .images import ImageDataset, TrainImageCache, UnreadableImageError, read_image
+from .sampler import DistributedIdentitySampler, RandomIdentitySampler
+from .transforms import (RandomErasing, build_transforms, gpu_train_augment, interpolation_mode,
+                         test_tensor_transform)
+
+__all__ = [
+    "Item", "ReIDDataset", "dataset_names", "load_dataset", "register_dataset",
+    "ImageDataset", "TrainImageCache", "UnreadableImageError", "read_image",
+    "RandomIdentitySampler", "DistributedIdentitySampler",
+    "RandomErasing", "build_transforms", "gpu_train_augment", "interpolation_mode", "test_tensor_transform",
+    "generate_market",
+]
+
+
+def __getattr__(name):
+    # The generator is imported on first use, so that `python -m reidlib.data.synth` runs it fresh.
+    if name == "generate_market":
+        from .synth import generate_market
+        return generate_market
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,417 @@
+"""Re-ID data sets: one small loader per data set, in a registry keyed by name.
+
+Every loader returns a :class:`ReIDDataset` with three lists of ``(path, pid, camid)`` items:
+
+* ``train``: pids relabelled ``0..C-1`` in sorted order of the original pids (the classifier's classes);
+* ``query`` and ``gallery``: the original pids, so that they can be compared with each other; pid 0
+  (Market's distractors) is kept as a gallery negative;
+* pid -1 (Market's junk boxes) is dropped everywhere, and counted in a log line;
+* camera ids are 0-based, one mapping for all three splits: ``number - 1`` for Market, Duke and
+  MSMT17 (as the reference); ``0..K-1`` in sorted order of the camera numbers for IUST and your own
+  data, whose numbering may have holes; files are sorted, so every run sees the same order.
+
+The reference loaders (CLIP-ReID and its thesis fork) differ from this in places that matter: the
+thesis's IUST and MSMT17 loaders keep 1-based cameras and pid -1 entries, and the Duke glob is unsorted.
+
+Example::
+
+    from reidlib.data import load_dataset
+    ds = load_dataset("market1501", "data")     # also finds data/Market-1501-v15.09.15/...
+    print(ds.stats_table())
+    path, pid, camid = ds.train[0]
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("reidlib.data")
+
+Item = tuple[str, int, int]  # (image path, person id, camera id)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
+MARKET_NAME = re.compile(r"^([-\d]+)_c(\d+)")  # 0002_c1s1_000451_03.jpg -> pid 2, camera 1
+SHOW_AT_MOST = 5  # how many offending names a warning lists
+
+
+class ReIDDataset:
+    """The three splits of a re-ID data set, as lists of ``(path, pid, camid)``.
+
+    Attributes: ``name``, ``root`` (the folder the splits were found in), ``train``, ``query``,
+    ``gallery``, ``num_train_pids`` (classes), ``num_train_cams`` (cameras over all splits,
+    ``max camid + 1``, the size of the SIE camera table).
+
+    Example::
+
+        ds = load_dataset("dukemtmc", "/data")
+        ds.num_train_pids, ds.num_train_cams     # (702, 8)
+        ds.stats()["query"]["images"]            # 2228
+    """
+
+    def __init__(self, name: str, root: str | Path, train: list[Item], query: list[Item],
+                 gallery: list[Item]):
+        self.name = name
+        self.root = str(root)
+        self.train, self.query, self.gallery = train, query, gallery
+
+    @property
+    def num_train_pids(self) -> int:
+        return len({pid for _, pid, _ in self.train})
+
+    @property
+    def num_train_cams(self) -> int:
+        cams = [cam for split in (self.train, self.query, self.gallery) for _, _, cam in split]
+        return max(cams) + 1 if cams else 0
+
+    def stats(self) -> dict:
+        """``{split: {"ids": int, "images": int, "cameras": int}}`` for train, query, gallery."""
+        return {split: {"ids": len({pid for _, pid, _ in items}), "images": len(items),
+                        "cameras": len({cam for _, _, cam in items})}
+                for split, items in self.splits().items()}
+
+    def splits(self) -> dict[str, list[Item]]:
+        return {"train": self.train, "query": self.query, "gallery": self.gallery}
+
+    def stats_table(self) -> str:
+        """A small aligned text table: ids, images and cameras per split."""
+        header = ("split", "ids", "images", "cameras")
+        rows = [(split, str(s["ids"]), str(s["images"]), str(s["cameras"]))
+                for split, s in self.stats().items()]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+        def line(cells):
+            return "  " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                     for i, (c, w) in enumerate(zip(cells, widths)))
+        rule = "  " + "-+-".join("-" * w for w in widths)
+        return "\n".join([f"{self.name} ({self.root})", line(header), rule, *map(line, rows)])
+
+    def __repr__(self) -> str:
+        return self.stats_table()
+
+
+# --------------------------------------------------------------------------- registry
+
+_LOADERS: dict[str, Callable[..., ReIDDataset]] = {}
+
+
+def register_dataset(name: str):
+    """Decorator adding a loader ``fn(root, **kw) -> ReIDDataset`` to the registry under ``name``.
+
+    Example::
+
+        @register_dataset("my_set")
+        def my_set(root, train_only=False):
+            return load_dataset("folder", root, train_only=train_only)
+    """
+    def add(fn):
+        _LOADERS[name] = fn
+        return fn
+    return add
+
+
+def dataset_names() -> list[str]:
+    """The registered data set names."""
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, root: str | Path, **kw) -> ReIDDataset:
+    """Load a registered data set from ``root``; its usual nesting under ``root`` is found by itself.
+
+    Names: ``market1501``, ``dukemtmc``, ``msmt17``, ``iust``, ``occ_duke``, ``folder`` (your own data,
+    see :func:`folder`). Keyword arguments go to the loader; all of them take ``train_only=True``,
+    which reads only the training split (``query`` and ``gallery`` are then empty).
+
+    Example::
+
+        ds = load_dataset("msmt17", "/data")     # /data/MSMT17_V1, /data/msmt17/MSMT17_V2, ...
+    """
+    if name not in _LOADERS:
+        raise KeyError(f"unknown data set '{name}'; registered: {', '.join(dataset_names())}")
+    return _LOADERS[name](Path(root).expanduser().absolute(), **kw)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def _find_dir(name: str, root: Path, candidates: list[str], marker: str, layout: str) -> Path:
+    """The first of ``root/candidate`` holding ``marker``; else one clear FileNotFoundError line."""
+    looked = [root / c if c else root for c in candidates]
+    for folder in looked:
+        if (folder / marker).exists():
+            return folder
+    raise FileNotFoundError(f"{name}: no {marker} under {root} (looked in "
+                            f"{', '.join(str(p) for p in looked)}); expected {layout}")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    return [folder / n for n in sorted(names)]
+
+
+def _warn_unparsable(name: str, where: Path | str, bad: list[str], expected: str) -> None:
+    if bad:
+        log.warning("%s: skipped %d file name(s) in %s that do not parse as %s, e.g. %s",
+                    name, len(bad), where, expected, ", ".join(bad[:SHOW_AT_MOST]))
+
+
+def _drop_junk(name: str, where: Path | str, items: list[Item]) -> list[Item]:
+    """Drop pid -1 (Market's junk boxes: neither a match nor a distractor)."""
+    kept = [it for it in items if it[1] != -1]
+    if len(kept) < len(items):
+        log.info("%s: dropped %d junk image(s) (pid -1) in %s", name, len(items) - len(kept), where)
+    return kept
+
+
+def _require_images(name: str, where: Path | str, items: list[Item]) -> list[Item]:
+    if not items:
+        raise ValueError(f"{name}: no usable images in {where}")
+    return items
+
+
+def _parse_market_folder(name: str, folder: Path) -> list[Item]:
+    """Items of a folder of Market-named files; cameras as numbered in the names (1-based)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{name}: missing folder {folder}")
+    items, bad = [], []
+    for path in _list_images(folder):
+        match = MARKET_NAME.match(path.name)
+        if match is None:
+            bad.append(path.name)
+            continue
+        items.append((str(path), int(match.group(1)), int(match.group(2))))
+    _warn_unparsable(name, folder, bad, "PPPP_cC...")
+    return _require_images(name, folder, _drop_junk(name, folder, items))
+
+
+def _relabel(items: list[Item]) -> list[Item]:
+    """Train pids -> 0..C-1 in sorted order of the original pids."""
+    label = {pid: i for i, pid in enumerate(sorted({pid for _, pid, _ in items}))}
+    return [(path, label[pid], cam) for path, pid, cam in items]
+
+
+def _zero_based_cameras(name: str, splits: list[list[Item]], first: int, remap: bool) -> list[list[Item]]:
+    """Camera numbers of all splits -> 0-based camids, one mapping for all splits.
+
+    ``first`` is the number the data set gives its first camera (1 in Market-style names). With
+    ``remap`` (data sets whose numbering is not fixed: IUST, your own), numbers are mapped to 0..K-1
+    in sorted order, said in a log line unless they were ``first..first+K-1`` anyway. Without it
+    (Market, Duke, MSMT17), camid = number - first, as the reference, so that a subset of cameras
+    keeps the camids (and SIE rows) of the full data set.
+    """
+    numbers = sorted({cam for items in splits for _, _, cam in items})
+    if not remap and (not numbers or numbers[0] >= first):
+        index = {cam: cam - first for cam in numbers}
+    else:
+        index = {cam: i for i, cam in enumerate(numbers)}
+        if numbers != list(range(first, first + len(numbers))):
+            log.info("%s: camera numbers %s are not %d..%d; mapped to 0..%d in sorted order",
+                     name, _short(numbers), first, first + len(numbers) - 1, len(numbers) - 1)
+    return [[(path, pid, index[cam]) for path, pid, cam in items] for items in splits]
+
+
+def _short(numbers: list[int]) -> str:
+    return str(numbers) if len(numbers) <= 12 else f"[{numbers[0]}, ..., {numbers[-1]}]"
+
+
+def _finish(name: str, root: Path, train: list[Item], query: list[Item], gallery: list[Item],
+            first_camera: int = 1, remap_cameras: bool = False) -> ReIDDataset:
+    train, query, gallery = _zero_based_cameras(name, [train, query, gallery], first_camera, remap_cameras)
+    train, query, gallery = (sorted(s) for s in (_relabel(train), query, gallery))
+    return ReIDDataset(name, root, train, query, gallery)
+
+
+def _load_market_style(name: str, root: Path, candidates: list[str], train_only: bool,
+                       remap_cameras: bool = False) -> ReIDDataset:
+    """Three folders of Market-named images, in the first candidate folder that has them."""
+    nest = "|".join(c for c in candidates if c)
+    layout = f"ROOT/{f'[{nest}/]' if nest else ''}{{{','.join(MARKET_FOLDERS)}}}/*.jpg named PPPP_cC*.jpg"
+    base = _find_dir(name, root, candidates, MARKET_FOLDERS[0], layout)
+    train = _parse_market_folder(name, base / MARKET_FOLDERS[0])
+    query = [] if train_only else _parse_market_folder(name, base / MARKET_FOLDERS[1])
+    gallery = [] if train_only else _parse_market_folder(name, base / MARKET_FOLDERS[2])
+    return _finish(name, base, train, query, gallery, remap_cameras=remap_cameras)
+
+
+# --------------------------------------------------------------------------- the data sets
+
+@register_dataset("market1501")
+def market1501(root: Path, train_only: bool = False) -> ReIDDataset:
+    """Market-1501 (Zheng et al., ICCV 2015): 751 train ids, 3,368 query, 15,913 gallery, 6 cameras.
+
+    ``ROOT/``, ``ROOT/Market-1501-v15.09.15/`` or torchreid's ``ROOT/market1501/Market-1501-v15.09.15/``,
+    each holding ``bounding_box_train``, ``query``, ``bounding_box_test``.
+    """
+    return _load_market_style("market1501", root, [
+        "", "Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501",
+        "Market-1501"], train_only)
+
+
+@register_dataset("dukemtmc")
+def dukemtmc(root: Path, train_only: bool = False) -> ReIDDataset:
+    """DukeMTMC-reID (Zheng et al., ICCV 2017): 702 train ids, 2,228 query, 17,661 gallery, 8 cameras.
+
+    ``ROOT/``, ``ROOT/DukeMTMC-reID/``, ``ROOT/dukemtmcreid/DukeMTMC-reID/`` (CLIP-ReID) or
+    ``ROOT/dukemtmc-reid/DukeMTMC-reID/`` (torchreid).
+    """
+    return _load_market_style("dukemtmc", root, [
+        "", "DukeMTMC-reID", "dukemtmcreid/DukeMTMC-reID", "dukemtmc-reid/DukeMTMC-reID",
+        "dukemtmc/DukeMTMC-reID"], train_only)
+
+
+@register_dataset("occ_duke")
+def occ_duke(root: Path, train_only: bool = False) -> ReIDDataset:
+    """Occluded-Duke (Miao et al., ICCV 2019): Market-style folders inside ``Occluded_Duke/``.
+
+    ``ROOT/``, ``ROOT/Occluded_Duke/`` or ``ROOT/dukemtmcreid/Occluded_Duke/`` (CLIP-ReID).
+    """
+    return _load_market_style("occ_duke", root, [
+        "", "Occluded_Duke", "dukemtmcreid/Occluded_Duke", "occ_duke/Occluded_Duke"], train_only)
+
+
+@register_dataset("iust")
+def iust(root: Path, train_only: bool = False) -> ReIDDataset:
+    """IUST_PersonReId (arXiv 2412.18874), converted to Market-style folders and names.
+
+    ``ROOT/`` or ``ROOT/IUST_PersonReId/``. Camera numbers that are not 1..K are mapped to 0..K-1 in
+    sorted order (logged), so that SIE's camera table has no holes.
+    """
+    return _load_market_style("iust", root, ["", "IUST_PersonReId", "iust"], train_only, remap_cameras=True)
+
+
+# MSMT17 (Wei et al., CVPR 2018) ships list files instead of parseable folder names.
+MSMT_LISTS = ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
+MSMT_NESTS = ["", "MSMT17", "MSMT17_V1", "MSMT17_V2", "msmt17/MSMT17_V1", "msmt17/MSMT17_V2",
+              "msmt17/MSMT17", "msmt17"]
+MSMT_LAYOUT = ("ROOT/[MSMT17|MSMT17_V1|MSMT17_V2|msmt17/MSMT17_V1|msmt17/MSMT17_V2/]"
+               "{train,test (V2: mask_train_v2,mask_test_v2),list_train.txt,list_val.txt,"
+               "list_query.txt,list_gallery.txt}, or Market-style folders")
+
+
+@register_dataset("msmt17")
+def msmt17(root: Path, train_only: bool = False) -> ReIDDataset:
+    """MSMT17: 1,041 train ids (train + val lists), 11,659 query, 82,161 gallery, 15 cameras.
+
+    ``ROOT/`` or ``ROOT/{MSMT17,MSMT17_V1,MSMT17_V2}/`` or torchreid's ``ROOT/msmt17/MSMT17_V*``,
+    holding ``train/`` and ``test/`` (V2: ``mask_train_v2/``, ``mask_test_v2/``) and the list files
+    (lines ``rel/path pid``; train = ``list_train.txt`` + ``list_val.txt``). The camera is the third
+    underscore field of the file name (``0000_000_01_0303morning_0015_0.jpg`` -> camera 1 -> camid 0).
+    A copy converted to Market-style folders and names (as the thesis used) is read as such.
+    """
+    looked = [root / c if c else root for c in MSMT_NESTS]
+    base = next((p for p in looked if (p / MSMT_LISTS[0]).is_file()), None)
+    if base is None:
+        if any((p / MARKET_FOLDERS[0]).is_dir() for p in looked):
+            return _load_market_style("msmt17", root, MSMT_NESTS, train_only)
+        raise FileNotFoundError(f"msmt17: no {MSMT_LISTS[0]} under {root} (looked in "
+                                f"{', '.join(str(p) for p in looked)}); expected {MSMT_LAYOUT}")
+    train_dir = _first_dir("msmt17", base, ["train", "mask_train_v2"])
+    train = _read_msmt_list(base, train_dir, "list_train.txt")
+    train += _read_msmt_list(base, train_dir, "list_val.txt", optional=True)
+    query = gallery = []
+    if not train_only:
+        test_dir = _first_dir("msmt17", base, ["test", "mask_test_v2"])
+        query = _read_msmt_list(base, test_dir, "list_query.txt")
+        gallery = _read_msmt_list(base, test_dir, "list_gallery.txt")
+    return _finish("msmt17", base, train, query, gallery)
+
+
+def _first_dir(name: str, base: Path, options: list[str]) -> Path:
+    for option in options:
+        if (base / option).is_dir():
+            return base / option
+    raise FileNotFoundError(f"{name}: none of {', '.join(options)} under {base}")
+
+
+def _read_msmt_list(base: Path, image_dir: Path, list_name: str, optional: bool = False) -> list[Item]:
+    """Lines ``rel/path pid``; paths relative to the image folder (or to ``base``)."""
+    list_path = base / list_name
+    if not list_path.is_file():
+        if optional:
+            return []
+        raise FileNotFoundError(f"msmt17: missing {list_path} (lines 'rel/path pid')")
+    items, bad = [], []
+    for line in list_path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rel, pid = line.split()
+            items.append((rel, int(pid), int(Path(rel).name.split("_")[2])))
+        except (ValueError, IndexError):
+            bad.append(line.strip())
+    _warn_unparsable("msmt17", list_path, bad, "'rel/path pid' with a file name PID_IDX_CAM_...")
+    items = _require_images("msmt17", list_path, _drop_junk("msmt17", list_path, items))
+    prefix = _list_prefix(list_path, items[0][0], [image_dir, base])
+    return [(str(prefix / rel), pid, cam) for rel, pid, cam in items]
+
+
+def _list_prefix(list_path: Path, first: str, options: list[Path]) -> Path:
+    """The folder the list's paths are relative to, judged from its first entry."""
+    for option in options:
+        if (option / first).is_file():
+            return option
+    raise FileNotFoundError(f"msmt17: {list_path.name} names {first}, found in none of "
+                            f"{', '.join(str(p) for p in options)}")
+
+
+# --------------------------------------------------------------------------- your own data
+
+FOLDER_CSVS = ("train.csv", "query.csv", "gallery.csv")
+FOLDER_LAYOUT = ("ROOT/{train,query,gallery}.csv (header path,pid,camid; paths relative to ROOT) or "
+                 "ROOT/{bounding_box_train,query,bounding_box_test}/ with Market names PPPP_cC*.jpg")
+
+
+@register_dataset("folder")
+def folder(root: Path, train_only: bool = False) -> ReIDDataset:
+    """Your own data, in one of two forms (the CSV form wins when ``ROOT/train.csv`` exists):
+
+    1. **CSV files** ``ROOT/train.csv``, ``ROOT/query.csv``, ``ROOT/gallery.csv``, each with a header
+       row and the columns ``path,pid,camid`` (extra columns are ignored). ``path`` is relative to
+       ``ROOT`` (or absolute); ``pid`` and ``camid`` are integers. Cameras may be numbered from 0 or 1
+       or any way: they are mapped to 0..K-1 in sorted order. Rows with pid -1 are dropped as junk.
+       Query and gallery pids must use the same numbering; train pids are relabelled to 0..C-1.
+    2. **Market-style folders** ``ROOT/{bounding_box_train,query,bounding_box_test}/`` with file
+       names ``PPPP_cC*.jpg`` (pid, then ``_c`` and the 1-based camera number).
+
+    Example ``train.csv``::
+
+        path,pid,camid
+        images/alice_cam1_001.jpg,17,1
+        images/alice_cam2_001.jpg,17,2
+    """
+    if (root / FOLDER_CSVS[0]).is_file():
+        names = FOLDER_CSVS[:1] if train_only else FOLDER_CSVS
+        train, *test = [_read_csv(root, root / n) for n in names]
+        query, gallery = test if test else ([], [])
+        return _finish("folder", root, train, query, gallery, first_camera=0, remap_cameras=True)
+    if (root / MARKET_FOLDERS[0]).is_dir():
+        return _load_market_style("folder", root, [""], train_only, remap_cameras=True)
+    raise FileNotFoundError(f"folder: neither {FOLDER_CSVS[0]} nor {MARKET_FOLDERS[0]} under {root}; "
+                            f"expected {FOLDER_LAYOUT}")
+
+
+def _read_csv(root: Path, csv_path: Path) -> list[Item]:
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"folder: missing {csv_path} (columns path,pid,camid)")
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"path", "pid", "camid"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"folder: {csv_path} lacks column(s) {', '.join(sorted(missing))}; "
+                             f"expected a header row path,pid,camid")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                items.append((str(root / row["path"].strip()), int(row["pid"]), int(row["camid"])))
+            except (ValueError, TypeError, AttributeError):
+                raise ValueError(f"folder: {csv_path} line {line}: expected path,pid,camid with "
+                                 f"integer pid and camid, got {row}") from None
+    items = _require_images("folder", csv_path, _drop_junk("folder", csv_path, items))
+    if not Path(items[0][0]).is_file():
+        raise FileNotFoundError(f"folder: {csv_path} names {items[0][0]}, which does not exist "
+                                f"(paths are relative to {root})")
+    return items

@@ -1,0 +1,225 @@
+"""Images from disk: a strict ``read_image``, the torch ``ImageDataset``, and ``TrainImageCache``.
+
+An unreadable or truncated file raises once with its path (the reference's reader retried forever on
+IOError). The dataset replaces such an image by another image of the same person, so that a P x K
+batch keeps its K instances, and counts the replacements.
+
+Example::
+
+    from reidlib.data import ImageDataset, build_transforms, read_image
+    image = read_image("0002_c1s1_000451_03.jpg")              # PIL RGB
+    ds = ImageDataset(dataset.train, build_transforms(cfg.data, [256, 128], train=True))
+    tensor, pid, camid, index = ds[0]
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from .transforms import interpolation_mode
+
+log = logging.getLogger("reidlib.data")
+
+WARN_AT_MOST = 5  # unreadable-image warnings per dataset; later ones are only counted
+COUNTER_SLOTS = 65  # the main process and up to 64 DataLoader workers count their own skips
+
+
+class UnreadableImageError(OSError):
+    """An image file that is missing, not an image, or truncated."""
+
+
+def read_image(path) -> Image.Image:
+    """Decode an image file fully and return it as an RGB PIL image.
+
+    Grayscale, CMYK, palette and alpha images are converted to RGB. The pixels are decoded here
+    (``load()``), so a truncated JPEG fails now rather than later; PIL's ``LOAD_TRUNCATED_IMAGES``
+    must stay False (its default) for that. Raises :class:`UnreadableImageError` (an ``OSError``)
+    naming the file.
+
+    Example::
+
+        read_image("query/0001_c1s1_001051_00.jpg").size   # (64, 128): width, height
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("P", "PA"):  # palette transparency would otherwise be lost with a warning
+                image = image.convert("RGBA")
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A torch Dataset over ``(path, pid, camid)`` items returning ``(image, pid, camid, index)``.
+
+    ``image`` is ``transform(PIL image)`` (the PIL image itself when ``transform`` is None). An
+    unreadable image is logged (the first few), counted in :attr:`num_skipped` (shared with DataLoader
+    worker processes) and replaced by the next readable image of the same pid, whose camid is then
+    returned; ``index`` stays the requested one. With ``substitute=False`` it raises instead.
+
+    Example::
+
+        ds = ImageDataset(items, transform)
+        loader = DataLoader(ds, batch_size=64, sampler=RandomIdentitySampler(items), drop_last=True)
+        ...
+        print(ds.num_skipped)
+    """
+
+    def __init__(self, items, transform=None, substitute: bool = True):
+        self.items = list(items)
+        self.transform = transform
+        self.substitute = substitute
+        self._skipped = _new_counter()
+        self._unreadable: set[int] = set()  # per process: known bad, not read again
+        self._same_pid: dict[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_skipped(self) -> int:
+        """Failed image reads so far, over all worker processes (a process reads a bad file once)."""
+        return sum(self._skipped)
+
+    def __getitem__(self, index: int):
+        path, pid, camid = self.items[index]
+        for i in self._candidates(index):
+            try:
+                image = read_image(self.items[i][0])
+            except UnreadableImageError as err:
+                self._unreadable.add(i)
+                self._count_skip(err)
+                if not self.substitute:
+                    raise
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, pid, self.items[i][2], index
+        raise UnreadableImageError(f"{path}: unreadable, and no other image of pid {pid} is readable")
+
+    def _candidates(self, index: int):
+        """The requested index, then the other images of its pid in order after it."""
+        if index not in self._unreadable or not self.substitute:
+            yield index
+        if not self.substitute:
+            return
+        if self._same_pid is None:
+            self._same_pid = _indices_by_pid(self.items)
+        group = self._same_pid[self.items[index][1]]
+        start = group.index(index)
+        for i in group[start + 1:] + group[:start]:
+            if i not in self._unreadable:
+                yield i
+
+    def _count_skip(self, err: Exception) -> None:
+        worker = torch.utils.data.get_worker_info()
+        self._skipped[0 if worker is None else 1 + worker.id % (COUNTER_SLOTS - 1)] += 1
+        count = self.num_skipped
+        if count <= WARN_AT_MOST:
+            log.warning("%s; %s%s", err, "using another image of the same person" if self.substitute
+                        else "not replaced", " (further ones only counted)" if count == WARN_AT_MOST else "")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        # DataLoader workers receive the dataset while a process is being started: the counter then
+        # travels as shared memory. Any other pickling or copy keeps only its current value.
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_skipped"] = list(self._skipped)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["_skipped"], list):
+            state["_skipped"] = _new_counter(state["_skipped"])
+        self.__dict__.update(state)
+
+
+def _new_counter(values=None):
+    """Shared memory with one slot per process (main + DataLoader workers): each process adds to
+    its own slot only, so no lock is needed, and any start method (fork, spawn) can inherit it."""
+    return multiprocessing.RawArray("q", values if values is not None else COUNTER_SLOTS)
+
+
+def _indices_by_pid(items) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, (_, pid, _) in enumerate(items):
+        groups.setdefault(pid, []).append(i)
+    return groups
+
+
+class TrainImageCache:
+    """Every training image decoded once and resized, in one uint8 tensor ``images [N, 3, H, W]``.
+
+    For the GPU path: move the cache to the device once, then index batches out of it and augment
+    them there with :func:`reidlib.data.gpu_train_augment`, so that no image is decoded twice and no
+    DataLoader worker is needed. The resize is PIL's with the configured interpolation, exactly what
+    the train transform's ``Resize`` does, so the two paths start from the same pixels.
+
+    Memory is ``N * 3 * H * W`` bytes: Market-1501's 12,936 train images take 1.27 GB at 256x128 and
+    318 MB at 128x64. Unreadable images are replaced by another image of the same pid (counted in
+    ``num_skipped``). Decoding uses ``num_threads`` threads (PIL releases the GIL while decoding).
+
+    Example::
+
+        cache = TrainImageCache(dataset.train, [256, 128], "bicubic").to("cuda")
+        batch = torch.tensor(indices, device="cuda")
+        images = gpu_train_augment(cache.images[batch], cfg.data)
+        pids, camids = cache.pids[batch], cache.camids[batch]
+    """
+
+    def __init__(self, items, image_size, interpolation: str = "bicubic",
+                 num_threads: int | None = None):
+        self.items = list(items)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.interpolation = interpolation
+        height, width = self.image_size
+        self.images = torch.empty((len(self.items), 3, height, width), dtype=torch.uint8)
+        self.pids = torch.tensor([pid for _, pid, _ in self.items], dtype=torch.long)
+        self.camids = torch.tensor([cam for _, _, cam in self.items], dtype=torch.long)
+        log.info("decoding %d train images into a %.0f MB uint8 cache at %dx%d", len(self.items),
+                 self.images.numel() / 2**20, height, width)
+        self.num_skipped = len(self._decode_all(num_threads or min(8, os.cpu_count() or 1)))
+
+    def _decode_one(self, index: int) -> bool:
+        try:
+            image = read_image(self.items[index][0])
+        except UnreadableImageError as err:
+            log.warning("%s; using another image of the same person", err)
+            return False
+        image = TF.resize(image, list(self.image_size), interpolation=interpolation_mode(self.interpolation))
+        self.images[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return True
+
+    def _decode_all(self, num_threads: int) -> list[int]:
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            ok = list(pool.map(self._decode_one, range(len(self.items))))
+        bad = [i for i, good in enumerate(ok) if not good]
+        groups = _indices_by_pid(self.items)
+        for i in bad:
+            donors = [j for j in groups[self.items[i][1]] if ok[j]]
+            if not donors:
+                raise UnreadableImageError(f"{self.items[i][0]}: unreadable, and no other image of "
+                                           f"pid {self.items[i][1]} is readable")
+            self.images[i] = self.images[donors[0]]
+            self.camids[i] = self.camids[donors[0]]
+        return bad
+
+    def to(self, device) -> "TrainImageCache":
+        """Move images, pids and camids to ``device``; returns the cache."""
+        self.images, self.pids, self.camids = (t.to(device) for t in (self.images, self.pids, self.camids))
+        return self
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()

@@ -1,0 +1,1 @@
+"""Training engine: LR schedules, checkpoints and the stage loops."""

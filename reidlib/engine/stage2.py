@@ -1,0 +1,148 @@
+"""Stage 2: fine-tune the image encoder (fully or through LoRA) with ID, triplet and i2t losses.
+
+The text features of all identities, computed once after stage 1 with the prompts frozen, act as
+a fixed classifier for the image-to-text loss (Li et al., CLIP-ReID, AAAI 2023, §3.3).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data import (DistributedIdentitySampler, ImageDataset, RandomIdentitySampler,
+                    TrainImageCache, build_transforms, gpu_train_augment)
+
+
+def make_image_cache(dataset, cfg, runtime: Runtime):
+    """On CUDA (and ``data.gpu_augment``): every training image decoded once into a uint8 tensor
+    on the GPU, shared by stage 1's feature cache and stage 2's augmentation; None elsewhere."""
+    if runtime.device.type != "cuda" or not cfg.data.gpu_augment:
+        return None
+    return TrainImageCache(dataset.train, cfg.model.image_size,
+                           interpolation=cfg.data.interpolation).to(runtime.device)
+from ..losses import Stage2Loss
+from .runtime import Runtime, epoch_seed
+from .schedule import set_epoch_lr, stage2_schedule
+
+
+def make_stage2_optimizer(params, cfg, uses_lora: bool):
+    """Adam with the reference's groups: biases get LR x bias_lr_factor and their own decay."""
+    s = cfg.stage2
+    base_lr = cfg.model.lora.lr if uses_lora else s.lr
+    weights = [p for name, p in params if not name.endswith("bias")]
+    biases = [p for name, p in params if name.endswith("bias")]
+    groups = [{"params": weights, "lr": base_lr, "weight_decay": s.weight_decay},
+              {"params": biases, "lr": base_lr * s.bias_lr_factor, "weight_decay": s.weight_decay_bias}]
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.Adam(groups, lr=base_lr, fused=fused or None)
+
+
+def stage2_lr_schedule(cfg):
+    """epoch, base LR -> LR: linear warm-up, then x gamma at each step epoch (spec §5)."""
+    s = cfg.stage2
+    return stage2_schedule(milestones=tuple(s.steps), gamma=s.gamma,
+                           warmup_epochs=s.warmup_epochs, warmup_factor=s.warmup_factor)
+
+
+def make_loss(cfg) -> Stage2Loss:
+    s = cfg.stage2
+    return Stage2Loss(id_weight=s.id_weight, tri_weight=s.tri_weight, i2t_weight=s.i2t_weight,
+                      margin=s.margin, epsilon=s.label_smoothing)
+
+
+class TrainBatches:
+    """P x K batches of augmented training images, from a DataLoader (CPU) or a GPU-resident
+    uint8 cache augmented on the device (CUDA; the data pipeline then costs almost nothing)."""
+
+    def __init__(self, dataset, cfg, runtime: Runtime, image_cache=None):
+        pids = [pid for _, pid, _ in dataset.train]
+        s = cfg.stage2
+        if runtime.distributed:
+            self.sampler = DistributedIdentitySampler(pids, batch_size=s.ims_per_batch,
+                                                      num_instance=s.num_instance, seed=cfg.seed,
+                                                      rank=runtime.rank, world_size=runtime.world_size)
+        else:
+            self.sampler = RandomIdentitySampler(pids, batch_size=s.ims_per_batch,
+                                                 num_instance=s.num_instance, seed=cfg.seed)
+        self.batch_size = s.ims_per_batch // runtime.world_size
+        self.cfg, self.runtime = cfg, runtime
+        self.items = dataset.train
+        self.cache = image_cache
+        if self.cache is not None:
+            self.labels, self.cams = self.cache.pids, self.cache.camids
+        else:
+            self.dataset = ImageDataset(self.items, build_transforms(cfg.data, cfg.model.image_size, train=True))
+
+    def epoch(self, epoch: int):
+        """Yield (images, pids, camids) on the device for one epoch."""
+        self.sampler.set_epoch(epoch)
+        device = self.runtime.device
+        if self.cache is not None:
+            indices = torch.tensor(list(iter(self.sampler)), device=device)
+            generator = torch.Generator(device=device).manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
+            for batch in indices.split(self.batch_size):
+                if len(batch) < self.batch_size:
+                    break
+                images = gpu_train_augment(self.cache.images[batch], self.cfg.data, generator=generator)
+                yield images, self.labels[batch], self.cams[batch]
+            return
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                            num_workers=self.cfg.data.num_workers, drop_last=True, generator=generator,
+                            pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        for images, pids, camids, _ in loader:
+            yield (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
+                   camids.to(device, non_blocking=True))
+
+    def num_batches(self, epoch: int) -> int:
+        self.sampler.set_epoch(epoch)
+        return len(self.sampler) // self.batch_size
+
+
+def wrap_for_stage2(model, runtime: Runtime, compile_model: bool = False):
+    module = model
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        module = DistributedDataParallel(model, device_ids=ids)
+    if compile_model and runtime.device.type == "cuda":
+        module = torch.compile(module)
+    return module
+
+
+def train_stage2_epoch(model, train_module, optimizer, batches: TrainBatches, loss_fn, text_feats,
+                       epoch: int, cfg, runtime: Runtime) -> dict:
+    """One epoch of P x K batches; returns the epoch's mean losses, LR and throughput."""
+    # Numbered from 1 as the reference (WarmupMultiStepLR steps once on construction and once per
+    # epoch): the first epoch trains at factor 0.19, and "x0.1 at epoch 30" means the 30th epoch.
+    set_epoch_lr(optimizer, epoch + 1, stage2_lr_schedule(cfg))
+    torch.manual_seed(epoch_seed(cfg.seed, 2, epoch))  # augmentation and dropout draws
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    steps, images_seen, started = 0, 0, time.time()
+    use_cams = getattr(model, "uses_sie", False)
+    bar = tqdm(batches.epoch(epoch), total=batches.num_batches(epoch), leave=False, disable=not runtime.is_main,
+               desc=f"stage 2 epoch {epoch + 1}/{cfg.stage2.epochs}")
+    for images, pids, camids in bar:
+        with runtime.autocast():
+            out = train_module(images, labels=pids, cams=camids if use_cams else None)
+        loss, parts = loss_fn(out["logits"], out["feats"], pids, out["f_proj"], text_feats)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {"loss": loss, **parts}.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+        steps += 1
+        images_seen += len(images) * runtime.world_size
+        if steps % cfg.stage2.log_period == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{images_seen / (time.time() - started):.0f}")
+    seconds = time.time() - started
+    record = {"stage": 2, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+              "img_per_s": images_seen / max(seconds, 1e-9), "steps": steps}
+    record.update({k: (v / max(steps, 1)).item() for k, v in sums.items()})
+    return record

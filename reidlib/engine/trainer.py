@@ -1,0 +1,232 @@
+"""The two-stage run users start: ``reidlib.train(cfg)`` and ``reidlib.test(cfg)``.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
+epoch and evaluation), resumable checkpoints, ``model_final.pt`` and ``metrics.json`` (the final
+model's test metrics: the model is never selected on the test set).
+
+Example::
+
+    from reidlib import load_config, train
+    cfg = load_config("tiny", ["data.root=data/synth", "output_dir=results/runs/try"])
+    metrics = train(cfg)          # {'rank1': ..., 'mAP': ..., ...}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import yaml
+from open_clip.transformer import QuickGELU
+
+from ..config import Config, config_from_dict, to_dict
+from ..data import load_dataset
+from ..eval.extract import evaluate_model
+from ..model import build_model, parameter_table, set_trainable
+from .checkpoint import (RESUME_IGNORE, capture_rng_state, check_config_match, find_latest_checkpoint,
+                         load_checkpoint, restore_rng_state, save_checkpoint)
+from .runtime import Runtime, seed_everything, setup_runtime
+from .stage1 import (cache_image_features, make_stage1_optimizer, train_stage1_epoch,
+                     wrap_for_stage1)
+from .stage2 import (TrainBatches, make_image_cache, make_loss, make_stage2_optimizer,
+                     train_stage2_epoch, wrap_for_stage2)
+
+log = logging.getLogger("reidlib")
+
+def _checkpoint_path(runtime: Runtime, stage: int, epoch: int) -> Path:
+    return runtime.output_dir / f"checkpoint_stage{stage}_e{epoch:03d}.pt"
+
+
+def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epoch: int,
+                dataset) -> None:
+    """Resumable state after ``epoch`` completed epochs of ``stage``; older ones are removed."""
+    if not runtime.is_main:
+        return
+    path = _checkpoint_path(runtime, stage, epoch)
+    save_checkpoint(path, {
+        "stage": stage, "epoch": epoch, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": {"epoch": epoch},
+        "sampler": {"seed": cfg.seed, "epoch": epoch}, "rng": capture_rng_state(),
+        "config": to_dict(cfg), "num_classes": dataset.num_train_pids,
+        "num_cameras": dataset.num_train_cams, "quick_gelu": uses_quick_gelu(model),
+    })
+    for old in runtime.output_dir.glob("checkpoint_stage*_e*.pt"):
+        if old != path:
+            old.unlink()
+
+
+def uses_quick_gelu(model) -> bool:
+    """Whether the CLIP inside was built with QuickGELU (OpenAI weights) rather than GELU."""
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
+def _should_save(epoch: int, total: int, period: int) -> bool:
+    return epoch == total or (period > 0 and epoch % period == 0)
+
+
+def _resume_state(cfg: Config, runtime: Runtime) -> dict | None:
+    if cfg.resume == "none":
+        return None
+    path = find_latest_checkpoint(runtime.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        return None
+    state = load_checkpoint(path, map_location="cpu")
+    check_config_match(state["config"], to_dict(cfg), ignore=RESUME_IGNORE)
+    log.info("resuming from %s (stage %d, %d epochs done)", path, state["stage"], state["epoch"])
+    runtime.log_metrics({"event": "resume", "checkpoint": str(path), "stage": state["stage"],
+                         "epoch": state["epoch"]})
+    return state
+
+
+def run_stage1(model, dataset, cfg: Config, runtime: Runtime, resume: dict | None,
+               image_cache=None) -> None:
+    params = set_trainable(model, "stage1")
+    optimizer = make_stage1_optimizer(params, cfg)
+    start = 0
+    if resume is not None and resume["stage"] == 1:
+        optimizer.load_state_dict(resume["optimizer"])
+        start = resume["epoch"]
+    if start >= cfg.stage1.epochs:
+        return
+    # The GPU image cache is resized with the train interpolation; stage 1 wants the test one.
+    same_resize = cfg.data.interpolation == cfg.data.test_interpolation
+    feats, labels = cache_image_features(model, dataset.train, cfg, runtime,
+                                         image_cache if same_resize else None)
+    step_module = wrap_for_stage1(model, runtime)
+    for epoch in range(start, cfg.stage1.epochs):
+        record = train_stage1_epoch(model, step_module, optimizer, feats, labels, epoch, cfg, runtime)
+        runtime.log_metrics(record)
+        if runtime.is_main:
+            log.info("stage 1 epoch %d/%d loss %.4f lr %.2e", epoch + 1, cfg.stage1.epochs,
+                     record["loss"], record["lr"])
+        if _should_save(epoch + 1, cfg.stage1.epochs, cfg.stage1.checkpoint_period):
+            _save_epoch(runtime, cfg, model, optimizer, 1, epoch + 1, dataset)
+
+
+def run_stage2(model, dataset, cfg: Config, runtime: Runtime, resume: dict | None,
+               image_cache=None) -> None:
+    params = set_trainable(model, "stage2")
+    if runtime.is_main:
+        log.info("stage 2 parameters:\n%s", parameter_table(model))
+    optimizer = make_stage2_optimizer(params, cfg, model.uses_lora)
+    start = 0
+    if resume is not None and resume["stage"] == 2:
+        optimizer.load_state_dict(resume["optimizer"])
+        start = resume["epoch"]
+    if start >= cfg.stage2.epochs:
+        return
+    text_feats = model.all_text_features().float()  # prompts are frozen from here on
+    batches = TrainBatches(dataset, cfg, runtime, image_cache)
+    train_module = wrap_for_stage2(model, runtime, cfg.compile)
+    loss_fn = make_loss(cfg)
+    for epoch in range(start, cfg.stage2.epochs):
+        record = train_stage2_epoch(model, train_module, optimizer, batches, loss_fn, text_feats,
+                                    epoch, cfg, runtime)
+        runtime.log_metrics(record)
+        if runtime.is_main:
+            log.info("stage 2 epoch %d/%d loss %.4f lr %.2e %.0f img/s", epoch + 1,
+                     cfg.stage2.epochs, record["loss"], record["lr"], record["img_per_s"])
+        done = epoch + 1
+        if cfg.stage2.eval_period > 0 and done % cfg.stage2.eval_period == 0 and done < cfg.stage2.epochs:
+            metrics = evaluate_model(model, dataset, cfg, runtime, progress=False)
+            runtime.log_metrics({"stage": 2, "epoch": done, "eval": metrics})
+        if _should_save(done, cfg.stage2.epochs, cfg.stage2.checkpoint_period):
+            _save_epoch(runtime, cfg, model, optimizer, 2, done, dataset)
+
+
+def _load_stage1_prompts(model, path: str) -> None:
+    state = load_checkpoint(path, map_location="cpu")
+    prompts = {k: v for k, v in state["model"].items() if k.startswith("prompts.")}
+    if not prompts:
+        raise ValueError(f"{path}: no prompt weights in this checkpoint; pass a stage-1 or final checkpoint")
+    missing = model.load_state_dict(prompts, strict=False)
+    if any(k.startswith("prompts.") for k in missing.missing_keys):
+        raise ValueError(f"{path}: prompt shapes do not match this config (number of identities or prompt settings)")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def train(cfg: Config, dataset=None) -> dict:
+    """Run stage 1 and stage 2 (resuming from the run folder when asked) and evaluate the final
+    model on query/gallery. Returns the metrics dict also written to ``metrics.json``."""
+    runtime = setup_runtime(cfg)
+    if runtime.is_main:
+        (runtime.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+    if runtime.is_main:
+        log.info("data set %s\n%s", cfg.data.dataset, dataset.stats_table())
+    seed_everything(cfg.seed)  # before the build: random-init weights depend on it
+    model = build_model(cfg.model, num_classes=dataset.num_train_pids,
+                        num_cameras=dataset.num_train_cams).to(runtime.device)
+    resume = _resume_state(cfg, runtime)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        restore_rng_state(resume["rng"])
+    image_cache = make_image_cache(dataset, cfg, runtime)
+    if cfg.stage1_weights and resume is None:
+        _load_stage1_prompts(model, cfg.stage1_weights)
+    elif resume is None or resume["stage"] == 1:
+        run_stage1(model, dataset, cfg, runtime, resume, image_cache)
+    run_stage2(model, dataset, cfg, runtime, resume if resume and resume["stage"] == 2 else None,
+               image_cache)
+    del image_cache
+    metrics = evaluate_model(model, dataset, cfg, runtime)
+    if runtime.is_main:
+        save_checkpoint(runtime.output_dir / "model_final.pt", {
+            "model": model.state_dict(), "config": to_dict(cfg),
+            "num_classes": dataset.num_train_pids, "num_cameras": dataset.num_train_cams,
+            "quick_gelu": uses_quick_gelu(model)})
+        summary = {"dataset": cfg.data.dataset, "method": method_name(cfg), "seed": cfg.seed,
+                   **metrics}
+        runtime.log_metrics({"stage": "final", "eval": metrics})
+        _write_json(runtime.output_dir / "metrics.json", summary)
+        log.info("final: R1 %.2f  mAP %.2f  mINP %.2f", 100 * metrics["rank1"],
+                 100 * metrics["mAP"], 100 * metrics["mINP"])
+    runtime.barrier()
+    return metrics
+
+
+def method_name(cfg: Config) -> str:
+    """baseline | proposed | deep_only | lora_only, read off the model settings."""
+    deep = cfg.model.prompt == "deep"
+    lora = cfg.model.lora.enabled
+    return {(False, False): "baseline", (True, True): "proposed",
+            (True, False): "deep_only", (False, True): "lora_only"}[(deep, lora)]
+
+
+def load_trained_model(path: str | Path, cfg: Config | None = None, device="cpu"):
+    """Rebuild a trained model from ``model_final.pt`` or a checkpoint; returns (model, cfg).
+
+    The saved config is used unless ``cfg`` is given (then only data/test keys may differ)."""
+    state = load_checkpoint(path, map_location="cpu")
+    saved = config_from_dict(state["config"])
+    if cfg is not None:
+        check_config_match(state["config"], to_dict(cfg),
+                           ignore=RESUME_IGNORE + ("data", "stage1", "stage2", "seed", "precision",
+                                                   "model.pretrained", "model.text_chunk"))
+    # The checkpoint holds every weight: build without loading CLIP weights, with the activation
+    # the trained model used (QuickGELU for OpenAI weights).
+    model_cfg = dataclasses.replace(saved.model if cfg is None else cfg.model, pretrained="none",
+                                    quick_gelu="true" if state["quick_gelu"] else "false")
+    model = build_model(model_cfg, num_classes=state["num_classes"], num_cameras=state["num_cameras"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), (cfg or saved)
+
+
+def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
+    """Evaluate a trained model (``weights`` or ``cfg.test.weights``) on the configured data set."""
+    weights = weights or cfg.test.weights
+    if not weights:
+        raise ValueError("no weights given: pass weights=PATH (a model_final.pt or checkpoint)")
+    runtime = setup_runtime(cfg)
+    model, _ = load_trained_model(weights, cfg, device=runtime.device)
+    dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+    metrics = evaluate_model(model, dataset, cfg, runtime)
+    if runtime.is_main:
+        _write_json(runtime.output_dir / "test_metrics.json", {"weights": str(weights), **metrics})
+    return metrics

@@ -1,0 +1,121 @@
+"""Run a trained model on your own images: extract features of a folder, search a gallery.
+
+Example::
+
+    cfg = load_config("vit_proposed", ["test.weights=runs/x/model_final.pt"])
+    extract_folder(cfg, "my_images/", "feats.npz")               # features, paths, pids, camids
+    ranked = search(cfg, "person.jpg", "feats.npz", top=10, grid="grid.png")
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.trainer import load_trained_model
+from .extract import _local_runtime, extract_features
+from .metrics import compute_distance
+
+log = logging.getLogger("reidlib")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+def list_images(folder: str | Path) -> list[tuple[str, int, int]]:
+    """Every image under ``folder`` (sorted) as (path, pid, camid); pid/camid are read from
+    Market-style names (``0002_c1s1_...``, camera made 0-based) and are -1 otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}; pass images=DIR (a folder of .jpg/.png files)")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"no images (.jpg, .jpeg, .png, .bmp, .webp) under {folder}")
+    items = []
+    for p in paths:
+        match = MARKET_NAME.match(p.name)
+        pid, cam = (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
+        items.append((str(p), pid, cam))
+    return items
+
+
+def _require_weights(cfg) -> None:
+    """Fail before any work when the weights are missing."""
+    if not cfg.test.weights:
+        raise ValueError("no weights given: pass weights=PATH (a model_final.pt or checkpoint)")
+    if not Path(cfg.test.weights).is_file():
+        raise FileNotFoundError(f"weights not found: {cfg.test.weights}; pass weights=PATH to a trained model_final.pt")
+
+
+def _model_for(cfg):
+    runtime = _local_runtime(cfg)
+    model, _ = load_trained_model(cfg.test.weights, cfg, device=runtime.device)
+    return model, runtime
+
+
+def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:
+    """Encode every image under ``images`` and write ``out`` (.npz: features [N, D] float32, paths,
+    pids, camids). Unreadable images are skipped and counted."""
+    _require_weights(cfg)
+    items = list_images(images)
+    model, runtime = _model_for(cfg)
+    feats, pids, camids, kept = extract_features(model, items, cfg, runtime, desc="extract",
+                                                 return_kept=True)
+    paths = np.array([p for (p, _, _), k in zip(items, kept.tolist()) if k])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, features=feats.numpy(), paths=paths, pids=pids.numpy(), camids=camids.numpy())
+    tmp.replace(out)
+    log.info("wrote %d features of dimension %d to %s", len(paths), feats.shape[1], out)
+    return out
+
+
+def _gallery(cfg, model, runtime, gallery: str | Path):
+    gallery = Path(gallery)
+    if gallery.suffix == ".npz":
+        if not gallery.is_file():
+            raise FileNotFoundError(f"gallery features not found: {gallery}; make them with `python -m reidlib extract`")
+        data = np.load(gallery)
+        return torch.from_numpy(data["features"]), list(data["paths"]), data["pids"], data["camids"]
+    items = list_images(gallery)
+    feats, pids, camids, kept = extract_features(model, items, cfg, runtime, desc="gallery",
+                                                 return_kept=True)
+    paths = [p for (p, _, _), k in zip(items, kept.tolist()) if k]
+    return feats, paths, pids.numpy(), camids.numpy()
+
+
+def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
+           grid: str | Path | None = "retrieval.png") -> list[tuple[str, float]]:
+    """Rank the gallery (a folder or an ``extract`` .npz) for one query image; print the top
+    ``top`` and save a retrieval grid (green/red borders when Market-style names give identities)."""
+    _require_weights(cfg)
+    query = Path(query)
+    if not query.is_file():
+        raise FileNotFoundError(f"query image not found: {query}")
+    model, runtime = _model_for(cfg)
+    match = MARKET_NAME.match(query.name)
+    q_item = (str(query), int(match.group(1)) if match else -1, int(match.group(2)) - 1 if match else -1)
+    qf, _, _ = extract_features(model, [q_item], cfg, runtime, progress=False)
+    if len(qf) == 0:
+        raise ValueError(f"cannot read the query image {query}")
+    gf, paths, g_pids, g_cams = _gallery(cfg, model, runtime, gallery)
+    dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm)[0]
+    dist = torch.as_tensor(dist)
+    # Same protocol as evaluation: a gallery image of the same person and camera is junk.
+    junk = torch.from_numpy((np.asarray(g_pids) == q_item[1]) & (np.asarray(g_cams) == q_item[2])
+                            & (q_item[1] >= 0))
+    order = [i for i in torch.argsort(dist, stable=True).tolist() if not junk[i]][:top]
+    ranked = [(str(paths[i]), float(dist[i])) for i in order]
+    for rank, (path, d) in enumerate(ranked, 1):
+        print(f"{rank:3d}  {d:.4f}  {path}")
+    if grid:
+        from ..viz.retrieval import retrieval_grid
+        correct = [int(g_pids[i]) == q_item[1] for i in order] if q_item[1] >= 0 else None
+        retrieval_grid(str(query), [p for p, _ in ranked], correct, grid, title=f"query {query.name}",
+                       top=top, captions=[f"{d:.3f}" for _, d in ranked], close=True)
+        log.info("retrieval grid saved to %s", grid)
+    return ranked

@@ -1,0 +1,148 @@
+"""The re-ID model users hold: CLIP's towers, prompts, SIE, BNNeck and the identity classifiers.
+
+CLIP-ReID (Li, Sun, Li, AAAI 2023, arXiv 2211.13977), with the thesis's deep prompts and LoRA.
+Per image the image encoder gives ``f_last`` (CLS before the last block), ``f`` (CLS after
+``ln_post``) and ``f_proj`` (``f @ proj``, in the text space); RN50 gives pooled layer3, pooled
+layer4 and the attention pool's token. BNNeck (Luo et al., CVPR-W 2019): a BatchNorm1d on ``f`` and
+on ``f_proj`` (bias frozen at 0), each feeding a bias-free Linear classifier over the identities.
+The test feature is concat(f, f_proj): 1280-d for ViT-B/16, 3072-d for RN50, before the BNNeck by
+default (``neck_feat: before``).
+
+Example::
+
+    cfg = load_config("tiny").model                      # vit-tiny, random weights
+    model = build_model(cfg, num_classes=10, num_cameras=6).eval()
+    feats = model.encode_image(torch.randn(2, 3, 128, 64))   # [2, feature_dim]
+    text = model.encode_text(torch.tensor([0, 7]))           # [2, 32] through the prompts
+    out = model.train()(torch.randn(4, 3, 128, 64))          # logits, feats, f_proj
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import ReIDViT, load_clip, reid_image_tower
+from .lora import apply_lora
+from .prompts import TextEncoder, build_prompt_learner
+
+
+def _bnneck(dim: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(dim)          # weight 1, bias 0 by default
+    bn.bias.requires_grad_(False)     # the BNNeck bias stays 0 (the reference freezes it)
+    return bn
+
+
+def _classifier(dim: int, num_classes: int) -> nn.Linear:
+    linear = nn.Linear(dim, num_classes, bias=False)
+    nn.init.normal_(linear.weight, std=0.001)
+    return linear
+
+
+class ReIDModel(nn.Module):
+    """CLIP-ReID around an open_clip CLIP (usually made by :func:`build_model`).
+
+    Example::
+
+        clip = load_clip("rn-tiny", "none")
+        model = ReIDModel(clip, load_config("tiny", ["model.name=rn-tiny"]).model, num_classes=5)
+        model.feature_dim                                        # 288 = 256 (layer4) + 32
+        out = model(torch.randn(4, 3, 128, 64))                  # dict: logits, feats, f_proj
+        text = model.all_text_features()                         # [5, 32]
+    """
+
+    def __init__(self, clip, cfg, num_classes: int, num_cameras: int = 0):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.visual = reid_image_tower(clip.visual, tuple(cfg.image_size), cfg.stride)
+        self.text = TextEncoder(clip)
+        self.prompts = build_prompt_learner(cfg, num_classes, self.text)
+        width, embed = self.visual.width, self.visual.embed_dim
+        self.sie_embed = self._sie_table(cfg, num_cameras, width)
+        self.sie_coe = cfg.sie_coe
+        self.bottleneck, self.bottleneck_proj = _bnneck(width), _bnneck(embed)
+        self.classifier, self.classifier_proj = _classifier(width, num_classes), _classifier(embed, num_classes)
+        self.neck_feat = cfg.neck_feat
+        self.text_chunk = cfg.text_chunk
+        self.num_classes = num_classes
+        self.feature_dim = width + embed
+        self.embed_dim = embed
+        self.uses_lora = False
+
+    @property
+    def uses_sie(self) -> bool:
+        """Whether image features need camera ids (``cams=``): SIE is on."""
+        return self.sie_embed is not None
+
+    def _sie_table(self, cfg, num_cameras: int, width: int) -> nn.Parameter | None:
+        """SIE (He et al., TransReID, ICCV 2021): a learnable vector per camera, trunc-normal 0.02."""
+        if not cfg.sie_camera:
+            return None
+        if not isinstance(self.visual, ReIDViT):
+            raise ValueError("model.sie_camera applies to ViT image encoders only")
+        if num_cameras < 1:
+            raise ValueError("model.sie_camera needs num_cameras >= 1")
+        return nn.Parameter(nn.init.trunc_normal_(torch.zeros(num_cameras, width), std=0.02))
+
+    def _image_features(self, x: torch.Tensor, cams: torch.Tensor | None):
+        cls_bias = None
+        if self.sie_embed is not None:
+            if cams is None:
+                raise ValueError("model.sie_camera is on: pass the camera ids (cams=...)")
+            cls_bias = self.sie_coe * self.sie_embed[cams]
+        return self.visual(x, cls_bias)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cams: torch.Tensor | None = None) -> dict:
+        """Training outputs for images [B, 3, H, W].
+
+        Returns ``logits`` = [cls_score, cls_score_proj] (classifiers on the BNNeck outputs),
+        ``feats`` = [f_last, f, f_proj] (pre-BN, for the triplet losses) and ``f_proj`` (for the
+        image-to-text loss). ``labels`` is unused (the classifiers are plain Linears); it is
+        accepted so training loops may pass it as the reference does.
+        """
+        f_last, f, f_proj = self._image_features(x, cams)
+        logits = [self.classifier(self.bottleneck(f)), self.classifier_proj(self.bottleneck_proj(f_proj))]
+        return {"logits": logits, "feats": [f_last, f, f_proj], "f_proj": f_proj}
+
+    def encode_image(self, x: torch.Tensor, cams: torch.Tensor | None = None) -> torch.Tensor:
+        """The test feature [B, feature_dim]: concat(f, f_proj), before or after the BNNeck."""
+        _, f, f_proj = self._image_features(x, cams)
+        if self.neck_feat == "after":
+            f, f_proj = self.bottleneck(f), self.bottleneck_proj(f_proj)
+        return torch.cat([f, f_proj], dim=1)
+
+    def image_proj_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``f_proj`` [B, embed_dim] without SIE: what stage 1 caches and pairs with text features."""
+        return self.visual(x)[2]
+
+    def encode_text(self, labels: torch.Tensor) -> torch.Tensor:
+        """Text features [B, embed_dim] of identities ``labels`` through the prompt learner."""
+        return self.text(self.prompts.tokens, self.prompts(labels))
+
+    @torch.no_grad()
+    def all_text_features(self, chunk: int | None = None) -> torch.Tensor:
+        """Text features [num_classes, embed_dim] of every identity, ``chunk`` identities at a time."""
+        labels = torch.arange(self.num_classes, device=self.prompts.tokens.device)
+        return torch.cat([self.encode_text(part) for part in labels.split(chunk or self.text_chunk)])
+
+
+def build_model(cfg, num_classes: int, num_cameras: int = 0) -> ReIDModel:
+    """The re-ID model that ``cfg`` (a ``reidlib.config.ModelConfig``) describes.
+
+    Loads CLIP (``cfg.name``, ``cfg.pretrained``), adapts it and, when ``cfg.lora.enabled``,
+    injects LoRA right away (B = 0: outputs are unchanged until stage 2 trains it; the state-dict
+    keys are then the same at every stage, for resuming).
+
+    Example::
+
+        cfg = load_config("vit_proposed", ["model.pretrained=/models/ViT-B-16.pt"]).model
+        model = build_model(cfg, num_classes=751, num_cameras=6)
+        set_trainable(model, "stage1")                       # prompts only
+        text = model.all_text_features()                     # [751, 512]
+        feats = model.eval().encode_image(images)            # [B, 1280]
+    """
+    clip = load_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
+    model = ReIDModel(clip, cfg, num_classes, num_cameras)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
+    return model

@@ -1,0 +1,48 @@
+"""Tables, figures, attention maps and retrieval grids of trained runs (what the notebooks call).
+
+    runs = collect_metrics("results")              # tables.py: metrics.json files -> DataFrame
+    summary = summarize(runs)                       # mean ± std over seeds, paired test vs baseline
+    plot_bars(runs, "bars.png"); plot_cmc(runs, "cmc.png")            # plots.py
+    attention_maps(model, images)                   # attention.py: attention rollout of the ViT
+    retrieval_grid("q.jpg", ranked_paths, flags, "grid.png")          # retrieval.py
+"""
+import logging
+import sys
+import warnings
+
+from .plots import plot_bars, plot_cmc, plot_gains, plot_training_curves, read_jsonl, training_frames
+from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows
+from .tables import (METHOD_NAMES, METRIC_NAMES, collect_metrics, comparison_table, headline_table,
+                     methods_table, paired_test, summarize, summary_markdown, to_markdown,
+                     write_summary)
+
+__all__ = ["collect_metrics", "summarize", "paired_test", "comparison_table", "methods_table",
+           "summary_markdown", "to_markdown", "write_summary", "plot_bars", "plot_cmc", "plot_gains",
+           "plot_training_curves", "read_jsonl", "training_frames", "rank_gallery",
+           "retrieval_grid", "retrieval_rows", "attention_maps", "attention_figure",
+           "retrieval_figure", "load_run_models", "headline_table", "show_progress",
+           "METHOD_NAMES", "METRIC_NAMES"]
+
+
+def __getattr__(name):
+    # attention.py imports torch; tables and plots do not need it.
+    if name in ("attention_maps", "attention_rollout", "last_layer_cls_attention", "attention_figure",
+                "load_run_models", "AttentionRecorder"):
+        from . import attention
+        return getattr(attention, name)
+    raise AttributeError(f"module 'reidlib.viz' has no attribute '{name}'")
+
+
+def show_progress(level: int = logging.INFO) -> None:
+    """Print reidlib's log lines (data set table, a line per epoch, final metrics) to stdout,
+    e.g. in a notebook cell's output. Calling it again adds nothing."""
+    logger = logging.getLogger("reidlib")
+    if not any(getattr(h, "reidlib_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.reidlib_progress = True
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    # Without ipywidgets, tqdm.auto falls back to text bars in a notebook, which read fine; its
+    # warning about the missing widgets is noise.
+    warnings.filterwarnings("ignore", message="IProgress not found")

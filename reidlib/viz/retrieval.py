@@ -1,0 +1,131 @@
+"""Ranked-retrieval grids: a query image and its top-k gallery matches, framed green when the
+match has the query's identity and red when not.
+
+Gallery images of the query's identity taken by the query's camera are left out before ranking,
+as in the evaluation (the Market-1501 protocol, Zheng et al. 2015): finding them is trivial.
+
+Standalone (e.g. from ``python -m reidlib search``)::
+
+    retrieval_grid("q.jpg", ["g3.jpg", "g7.jpg", ...], None, "grid.png", title="top 10")
+
+From a distance matrix::
+
+    order, flags = rank_gallery(dist[i], q_pid, q_cam, g_pids, g_cams, top=10)
+    retrieval_grid(query_path, [gallery_paths[j] for j in order], flags, "grid.png")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
+from PIL import Image
+
+CORRECT, WRONG, UNKNOWN, QUERY = "#1a9850", "#d73027", "#9e9e9e", "#2c7bb6"
+CELL = (1.25, 2.5)  # inches per image (width, height): person crops are 2:1
+DPI = 100           # 125 x 250 pixels per image: above the data sets' 64 x 128 and 128 x 256 crops
+
+
+def rank_gallery(dist_row, q_pid: int, q_cam: int, g_pids, g_cams, top: int = 10):
+    """Gallery indices of the ``top`` nearest matches of one query (junk left out) and whether
+    each has the query's identity."""
+    dist_row, g_pids, g_cams = (np.asarray(x) for x in (dist_row, g_pids, g_cams))
+    order = np.argsort(dist_row, kind="stable")
+    junk = (g_pids[order] == q_pid) & (g_cams[order] == q_cam)
+    order = order[~junk][:top]
+    return order.tolist(), (g_pids[order] == q_pid).tolist()
+
+
+def _show(ax, path, color: str, label: str, caption: str | None = None, width: int = 6) -> None:
+    image = Image.open(path).convert("RGB")
+    ax.imshow(image, aspect="auto")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(width)
+    ax.set_title(label, fontsize=9, color=color if color != UNKNOWN else "black")
+    if caption:
+        ax.set_xlabel(caption, fontsize=7)
+
+
+def retrieval_rows(rows: list[dict], out_png: str | Path | None = None, title: str | None = None):
+    """Several queries, one per row. Each row is a dict with ``query`` (path), ``gallery`` (ranked
+    paths), and optionally ``correct`` (booleans or None), ``label`` (text left of the row),
+    ``query_caption`` and ``captions`` (text under each image)."""
+    top = max(len(r["gallery"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), top + 1, figsize=(CELL[0] * (top + 1) + 0.4, CELL[1] * len(rows) + 0.9),
+                             squeeze=False, gridspec_kw={"wspace": 0.12, "hspace": 0.35})
+    any_flags = False
+    for axrow, row in zip(axes, rows):
+        flags = row.get("correct")
+        any_flags |= flags is not None
+        captions = row.get("captions") or [None] * len(row["gallery"])
+        _show(axrow[0], row["query"], QUERY, "query", row.get("query_caption"))
+        if row.get("label"):
+            axrow[0].set_ylabel(row["label"], fontsize=9)
+        for k, ax in enumerate(axrow[1:]):
+            if k >= len(row["gallery"]):
+                ax.axis("off")
+                continue
+            color = UNKNOWN if flags is None else (CORRECT if flags[k] else WRONG)
+            mark = "" if flags is None else (" ✓" if flags[k] else " ✗")
+            _show(ax, row["gallery"][k], color, f"rank {k + 1}{mark}", captions[k])
+    handles = [Patch(facecolor="white", edgecolor=QUERY, linewidth=3, label="query")]
+    if any_flags:
+        handles += [Patch(facecolor="white", edgecolor=CORRECT, linewidth=3, label="same identity (correct)"),
+                    Patch(facecolor="white", edgecolor=WRONG, linewidth=3, label="other identity (wrong)")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    height = fig.get_figheight()
+    has_captions = any(r.get("captions") or r.get("query_caption") for r in rows)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=(0.65 if has_captions else 0.4) / height,
+                        top=1 - (0.55 if title else 0.3) / height)
+    if out_png is not None:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=DPI, bbox_inches="tight")
+    return fig
+
+
+def retrieval_grid(query_path, gallery_paths_ranked, correct=None, out_png: str | Path | None = None,
+                   title: str | None = None, top: int = 10, captions=None, close: bool = False):
+    """One query and its ranked gallery matches (at most ``top``) in one row. ``correct`` holds
+    one boolean per match (green/red frame) or is None when identities are unknown (grey)."""
+    gallery = list(gallery_paths_ranked)[:top]
+    flags = None if correct is None else list(correct)[:top]
+    fig = retrieval_rows([{"query": query_path, "gallery": gallery, "correct": flags,
+                           "captions": None if captions is None else list(captions)[:top]}],
+                         out_png, title)
+    if close:
+        plt.close(fig)
+    return fig
+
+
+def retrieval_figure(models: dict, dataset, query_indices, out_png: str | Path | None = None,
+                     top: int = 10, title: str | None = None):
+    """Each chosen query's top-``top`` matches in the whole gallery, one row per (query, model),
+    so the models' rankings of a query sit next to each other. ``models``: name -> (model, cfg);
+    ``dataset``: a loaded data set (``.query``, ``.gallery``)."""
+    from ..eval.extract import extract_features
+    from ..eval.metrics import compute_distance
+    from .tables import method_name
+    queries = [dataset.query[i] for i in query_indices]
+    g_paths = [path for path, _, _ in dataset.gallery]
+    ranked = {}
+    for name, (model, cfg) in models.items():
+        qf, _, _ = extract_features(model, queries, cfg, progress=False)
+        gf, g_pids, g_cams = extract_features(model, dataset.gallery, cfg, progress=False)
+        dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm).cpu()
+        ranked[name] = [rank_gallery(dist[i], pid, cam, g_pids, g_cams, top)
+                        for i, (_, pid, cam) in enumerate(queries)]
+    rows = []
+    for i, (path, pid, cam) in enumerate(queries):
+        for name in models:
+            order, flags = ranked[name][i]
+            rows.append({"query": path, "gallery": [g_paths[j] for j in order], "correct": flags,
+                         "label": method_name(name).replace(" (", "\n("),
+                         "query_caption": f"id {pid}, cam {cam}",
+                         "captions": [f"id {dataset.gallery[j][1]}, cam {dataset.gallery[j][2]}" for j in order]})
+    return retrieval_rows(rows, out_png, title or f"Top-{top} retrieval ({dataset.name})")

@@ -1,0 +1,281 @@
+"""Results tables: every run's ``metrics.json`` -> one DataFrame -> mean ± std over seeds, and a
+paired test of each method against the baseline.
+
+The thesis's gains (+0.1 to +0.75 points) are the size of the seed-to-seed noise, so a gain is
+reported with the spread over seeds and a paired test on runs that share a seed (same data order,
+same initialisation of the new parameters), never as a single number.
+
+Example::
+
+    runs = collect_metrics("results")            # one row per run, metrics as fractions
+    summary = summarize(runs)                     # one row per (dataset, method), in %
+    print(summary_markdown(summary))              # the thesis-style table with its notes
+    write_summary(summary, "results")             # results/summary.md and results/summary.csv
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Metric key in metrics.json -> its name in tables and on axes (values are shown in %).
+METRIC_NAMES = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP",
+                "mINP": "mINP"}
+METHOD_NAMES = {"baseline": "CLIP-ReID (baseline)", "proposed": "Proposed (deep prompts + LoRA)",
+                "deep_only": "Deep prompts only", "lora_only": "LoRA only"}
+SHORT_NAMES = {"baseline": "Baseline", "proposed": "Proposed", "deep_only": "Deep only",
+               "lora_only": "LoRA only"}
+METHOD_ORDER = ["baseline", "proposed", "deep_only", "lora_only"]
+TESTED = ("rank1", "mAP")     # the metrics the thesis table compares
+ALPHA = 0.05                  # significance level of the '*' mark
+WILCOXON_MIN_PAIRS = 6        # with fewer pairs the exact two-sided p can never go below 0.05
+
+TEST_NOTE = (
+    "Mean ± sample standard deviation (ddof = 1) over seeds, in %. "
+    "Δ = method mean − baseline mean, in percentage points (± the standard deviation of the "
+    "per-seed differences). p: two-sided paired t-test (scipy.stats.ttest_rel) on runs matched by "
+    f"seed; * marks p < {ALPHA}. The Wilcoxon signed-rank test (scipy.stats.wilcoxon, exact) is "
+    f"added from {WILCOXON_MIN_PAIRS} pairs on: with fewer, its smallest possible p is above "
+    f"{ALPHA}. n/a: fewer than 2 seeds in common, or identical differences on every seed. With a "
+    "handful of seeds these tests have little power: a p above 0.05 does not show the methods equal.")
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _method_sort_key(method: str):
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+# --------------------------------------------------------------------------- collecting runs
+
+def collect_metrics(root: str | Path) -> pd.DataFrame:
+    """One row per ``metrics.json`` found under ``root`` (any depth).
+
+    Columns: dataset, method, seed, rank1, rank5, rank10, mAP, mINP (fractions, as written by
+    the trainer), num_valid_queries, cmc (the list of CMC values) and path (the run folder).
+    """
+    rows = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        record = json.loads(path.read_text())
+        record["path"] = str(path.parent)
+        rows.append(record)
+    columns = ["dataset", "method", "seed", *METRIC_NAMES, "num_valid_queries", "cmc", "path"]
+    df = pd.DataFrame(rows)
+    for col in columns:
+        if col not in df:
+            df[col] = pd.Series(dtype=object)
+    df = df[columns + [c for c in df.columns if c not in columns]]
+    if len(df):
+        df["seed"] = df["seed"].astype(int)
+        df = df.sort_values(["dataset", "method", "seed"], key=_sort_key).reset_index(drop=True)
+    return df
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    if col.name == "method":
+        return col.map(_method_sort_key)
+    return col
+
+
+# --------------------------------------------------------------------------- statistics
+
+def paired_test(values: dict, reference: dict) -> dict:
+    """Paired comparison of two methods over the seeds both have.
+
+    ``values`` and ``reference`` map seed -> metric (any unit). Returns n_pairs, the mean and
+    standard deviation of the per-seed differences (values - reference), the paired t statistic
+    and its two-sided p (scipy.stats.ttest_rel), and the Wilcoxon signed-rank p (exact,
+    scipy.stats.wilcoxon) when there are at least ``WILCOXON_MIN_PAIRS`` pairs. Undefined
+    numbers are NaN.
+    """
+    from scipy import stats  # here: scipy.stats takes seconds to import
+    seeds = sorted(set(values) & set(reference))
+    a = np.array([values[s] for s in seeds], dtype=float)
+    b = np.array([reference[s] for s in seeds], dtype=float)
+    diff = a - b
+    out = {"n_pairs": len(seeds), "diff_mean": float(diff.mean()) if len(seeds) else math.nan,
+           "diff_std": float(diff.std(ddof=1)) if len(seeds) >= 2 else math.nan,
+           "t": math.nan, "p_ttest": math.nan, "p_wilcoxon": math.nan}
+    if len(seeds) < 2 or np.allclose(diff, diff[0]):
+        return out  # no spread in the differences: the t statistic is undefined
+    t = stats.ttest_rel(a, b)
+    out["t"], out["p_ttest"] = float(t.statistic), float(t.pvalue)
+    if len(seeds) >= WILCOXON_MIN_PAIRS and np.any(diff != 0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ties/zeros: scipy switches to the normal approximation
+            out["p_wilcoxon"] = float(stats.wilcoxon(a, b).pvalue)
+    return out
+
+
+def summarize(runs: pd.DataFrame, reference: str = "baseline",
+              tested: tuple[str, ...] = TESTED) -> pd.DataFrame:
+    """One row per (dataset, method): seeds, mean and std of every metric (in %), and for each
+    method other than ``reference`` the gain over it with a paired test across seeds.
+
+    Columns: dataset, method, n_seeds, seeds, ``<m>_mean``, ``<m>_std`` for each metric, then
+    n_pairs and ``<m>_delta``, ``<m>_delta_std``, ``<m>_t``, ``<m>_p_ttest``, ``<m>_p_wilcoxon``
+    for each tested metric (NaN on the reference's own rows).
+    """
+    metrics = [m for m in METRIC_NAMES if m in runs and runs[m].notna().any()]
+    rows = []
+    for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
+        row = {"dataset": dataset, "method": method, "n_seeds": len(group),
+               "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
+        for m in metrics:
+            values = 100 * group[m].astype(float)
+            row[f"{m}_mean"] = values.mean()
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        ref = runs[(runs["dataset"] == dataset) & (runs["method"] == reference)]
+        compare = method != reference and len(ref) > 0
+        paired = {}
+        for m in tested:
+            if compare and m in metrics:
+                paired[m] = paired_test(_by_seed(group, m), _by_seed(ref, m))
+        row["n_pairs"] = next(iter(paired.values()))["n_pairs"] if paired else math.nan
+        for m in tested:
+            test = paired.get(m)
+            row[f"{m}_delta"] = row[f"{m}_mean"] - 100 * ref[m].astype(float).mean() if test else math.nan
+            row[f"{m}_delta_std"] = test["diff_std"] if test else math.nan
+            row[f"{m}_t"] = test["t"] if test else math.nan
+            row[f"{m}_p_ttest"] = test["p_ttest"] if test else math.nan
+            row[f"{m}_p_wilcoxon"] = test["p_wilcoxon"] if test else math.nan
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    if len(summary):
+        summary = summary.sort_values(["dataset", "method"], key=_sort_key).reset_index(drop=True)
+    return summary
+
+
+def _by_seed(group: pd.DataFrame, metric: str) -> dict:
+    """seed -> metric in %; a seed run twice keeps its last value."""
+    return {int(s): 100 * float(v) for s, v in zip(group["seed"], group[metric])}
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _num(x: float, digits: int = 2, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def mean_std(mean: float, std: float, digits: int = 2) -> str:
+    """'72.31 ± 0.52', or just the mean when there is a single seed."""
+    if std is None or math.isnan(std):
+        return _num(mean, digits)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_gain(row: pd.Series, metric: str, digits: int = 2) -> str:
+    """'+0.41 ± 0.30 (p=0.210)', with '*' when p < ALPHA and the Wilcoxon p when present."""
+    delta = row[f"{metric}_delta"]
+    if isinstance(delta, float) and math.isnan(delta):
+        return "n/a"
+    text = _num(delta, digits, sign=True)
+    if not math.isnan(row[f"{metric}_delta_std"]):
+        text += f" ± {row[f'{metric}_delta_std']:.{digits}f}"
+    p = row[f"{metric}_p_ttest"]
+    text += f" (p={format_p(p)})"
+    if not math.isnan(p) and p < ALPHA:
+        text += " *"
+    if not math.isnan(row[f"{metric}_p_wilcoxon"]):
+        text += f" [W p={format_p(row[f'{metric}_p_wilcoxon'])}]"
+    return text
+
+
+def comparison_table(summary: pd.DataFrame, method: str = "proposed", reference: str = "baseline",
+                     tested: tuple[str, ...] = TESTED) -> pd.DataFrame:
+    """The thesis-style table: one row per dataset with the reference's and the method's Rank-1
+    and mAP (mean ± std, %), the number of seeds of each, and the gains with their paired test."""
+    rows = []
+    for dataset, group in summary.groupby("dataset", sort=True):
+        ref = group[group["method"] == reference]
+        new = group[group["method"] == method]
+        if ref.empty or new.empty:
+            continue
+        ref, new = ref.iloc[0], new.iloc[0]
+        row = {"Dataset": dataset, "Seeds": f"{ref['n_seeds']} / {new['n_seeds']}"}
+        for who, r in ((reference, ref), (method, new)):
+            for m in tested:
+                row[f"{SHORT_NAMES.get(who, who)} {METRIC_NAMES[m]} (%)"] = mean_std(r[f"{m}_mean"], r[f"{m}_std"])
+        for m in tested:
+            row[f"Δ {METRIC_NAMES[m]} (pp)"] = format_gain(new, m)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def methods_table(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rank1", "rank5", "mAP", "mINP")) -> pd.DataFrame:
+    """Every (dataset, method) with its seeds and mean ± std of each metric (%)."""
+    rows = []
+    for _, r in summary.iterrows():
+        row = {"Dataset": r["dataset"], "Method": method_name(r["method"]), "Seeds": r["seeds"]}
+        for m in metrics:
+            if f"{m}_mean" in r:
+                row[f"{METRIC_NAMES[m]} (%)"] = mean_std(r[f"{m}_mean"], r[f"{m}_std"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (without the optional 'tabulate' package)."""
+    if df.empty:
+        return "_(no runs)_"
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(str(v) for v in row.values) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: pd.DataFrame, reference: str = "baseline",
+                     title: str = "Baseline vs proposed") -> str:
+    """The whole summary: one comparison table per method against the reference, the table of
+    all methods, and the notes that say how the numbers were made."""
+    parts = [f"# {title}", ""]
+    others = [m for m in sorted(summary["method"].unique(), key=_method_sort_key) if m != reference] \
+        if len(summary) else []
+    for method in others:
+        table = comparison_table(summary, method, reference)
+        if table.empty:
+            continue
+        parts += [f"## {method_name(method)} vs {method_name(reference)}", "",
+                  f"Seeds: {SHORT_NAMES.get(reference, reference).lower()} / "
+                  f"{SHORT_NAMES.get(method, method).lower()} runs. Δ: gain in percentage points "
+                  "± std of the per-seed gains (p: paired t-test across seeds).", "",
+                  to_markdown(table), ""]
+    parts += ["## All runs", "", to_markdown(methods_table(summary)), "", "## Notes", "", TEST_NOTE, ""]
+    return "\n".join(parts)
+
+
+def write_summary(summary: pd.DataFrame, out_dir: str | Path, reference: str = "baseline",
+                  title: str = "Baseline vs proposed") -> dict[str, Path]:
+    """``summary.md`` (the tables) and ``summary.csv`` (every number, full precision) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "summary.md", "csv": out / "summary.csv"}
+    paths["md"].write_text(summary_markdown(summary, reference, title))
+    summary.to_csv(paths["csv"], index=False)
+    return paths
+
+
+def headline_table(metrics: dict) -> pd.DataFrame:
+    """One run's test metrics as a one-row table in % (what ``reidlib.train`` returns)."""
+    row = {f"{name} (%)": round(100 * float(metrics[key]), 2) for key, name in METRIC_NAMES.items()
+           if key in metrics}
+    row.update({f"re-ranked {name} (%)": round(100 * float(metrics[f"rerank_{key}"]), 2)
+                for key, name in METRIC_NAMES.items() if f"rerank_{key}" in metrics})
+    if "num_valid_queries" in metrics:
+        row["valid queries"] = int(metrics["num_valid_queries"])
+    return pd.DataFrame([row])

@@ -1,0 +1,25 @@
+"""Shared fixtures: a generated Market-format data set and a briefly trained tiny model."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from the tests
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small generated Market-1501-format folder (24 ids: 12 train, 12 test, 3 cameras)."""
+    from reidlib.data.synth import generate_market
+    return generate_market(tmp_path_factory.mktemp("synth") / "market", ids=24, cams=3, seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(synth_root, tmp_path_factory):
+    """(cfg, run folder) of the tiny baseline trained for one epoch per stage."""
+    import reidlib
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = reidlib.method_config("baseline", [f"data.root={synth_root}", f"output_dir={out}",
+                                             "device=cpu", "stage1.epochs=1", "stage2.epochs=1",
+                                             "stage2.ims_per_batch=16"], base="tiny")
+    reidlib.train(cfg)
+    return cfg, out

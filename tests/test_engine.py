@@ -1,0 +1,164 @@
+"""Two-stage training on the tiny model and a generated data set: learning, resume, schedules, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import reidlib
+from reidlib.config import load_config, method_config
+from reidlib.data import load_dataset
+from reidlib.engine import stage2 as stage2_module
+from reidlib.engine.checkpoint import load_checkpoint
+from reidlib.engine.schedule import cosine_with_warmup, warmup_multistep
+from reidlib.eval.extract import evaluate_model
+from reidlib.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(root, out, *extra, method="baseline"):
+    return method_config(method, [f"data.root={root}", f"output_dir={out}", "device=cpu",
+                                  "stage1.epochs=3", "stage2.epochs=3", "stage2.steps=[2]",
+                                  "stage2.ims_per_batch=16", "model.lora.lr=3e-4", *extra], base="tiny")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_cfg(synth_root, out, "stage1.epochs=8", "stage2.epochs=8", "stage2.steps=[6]",
+                   "stage1.checkpoint_period=4")
+    metrics = reidlib.train(cfg)
+    return cfg, out, metrics
+
+
+def test_stage1_lowers_its_loss(trained_run):
+    _, out, _ = trained_run
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r.get("stage") == 1 and "loss" in r]
+    assert len(losses) == 8
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_stage2_raises_map_well_above_untrained(trained_run, synth_root):
+    cfg, out, metrics = trained_run
+    dataset = load_dataset("market1501", synth_root)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg.model, num_classes=dataset.num_train_pids,
+                            num_cameras=dataset.num_train_cams)
+    before = evaluate_model(untrained, dataset, cfg, progress=False)
+    # Measured on this data set: untrained mAP ~0.2x, trained ~0.5x (see the closing note).
+    assert metrics["mAP"] > before["mAP"] + 0.1, (before["mAP"], metrics["mAP"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["mAP"] == pytest.approx(metrics["mAP"]) and saved["method"] == "baseline"
+    assert len(saved["cmc"]) >= 10
+
+
+def test_run_folder_contents(trained_run):
+    _, out, _ = trained_run
+    assert (out / "config.yaml").is_file() and (out / "model_final.pt").is_file()
+    # only the newest resumable checkpoint is kept
+    assert [p.name for p in out.glob("checkpoint_*.pt")] == ["checkpoint_stage2_e008.pt"]
+    state = load_checkpoint(out / "checkpoint_stage2_e008.pt")
+    assert {"model", "optimizer", "rng", "config", "sampler", "scheduler"} <= set(state)
+
+
+def test_logged_lrs_follow_the_schedules(trained_run):
+    cfg, out, _ = trained_run
+    records = read_jsonl(out / "metrics.jsonl")
+    s1 = [r["lr"] for r in records if r.get("stage") == 1 and "lr" in r]
+    s2 = [r["lr"] for r in records if r.get("stage") == 2 and "lr" in r]
+    # the schedules are evaluated at 1-based epochs, as the reference steps them
+    for epoch, lr in enumerate(s1, start=1):
+        assert lr == pytest.approx(cosine_with_warmup(epoch, cfg.stage1.lr, cfg.stage1.epochs,
+                                                      cfg.stage1.warmup_epochs, cfg.stage1.warmup_lr,
+                                                      cfg.stage1.min_lr))
+    for epoch, lr in enumerate(s2, start=1):
+        assert lr == pytest.approx(warmup_multistep(epoch, cfg.stage2.lr, tuple(cfg.stage2.steps),
+                                                    cfg.stage2.gamma, cfg.stage2.warmup_epochs,
+                                                    cfg.stage2.warmup_factor))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, monkeypatch):
+    common = ["stage1.checkpoint_period=1", "stage2.checkpoint_period=1"]
+    straight = reidlib.train(tiny_cfg(synth_root, tmp_path / "straight", *common, method="proposed"))
+
+    original = stage2_module.train_stage2_epoch
+    def dies_in_epoch_2(*args, **kwargs):
+        epoch = args[6]
+        if epoch == 1:
+            raise Killed()
+        return original(*args, **kwargs)
+    monkeypatch.setattr("reidlib.engine.trainer.train_stage2_epoch", dies_in_epoch_2)
+    interrupted = tiny_cfg(synth_root, tmp_path / "resumed", *common, method="proposed")
+    with pytest.raises(Killed):
+        reidlib.train(interrupted)
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint_*.pt")] == ["checkpoint_stage2_e001.pt"]
+    monkeypatch.setattr("reidlib.engine.trainer.train_stage2_epoch", original)
+    resumed = reidlib.train(interrupted)
+
+    assert resumed == straight
+    a = load_checkpoint(tmp_path / "straight" / "model_final.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "model_final.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_config_names_the_keys(synth_root, tmp_path):
+    cfg = tiny_cfg(synth_root, tmp_path, "stage2.epochs=1", "stage1.epochs=1")
+    reidlib.train(cfg)
+    changed = tiny_cfg(synth_root, tmp_path, "stage2.epochs=1", "stage1.epochs=1", "stage2.margin=0.5")
+    with pytest.raises(ValueError, match="stage2.margin"):
+        reidlib.train(changed)
+
+
+def _run_cli(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_train_then_test(synth_root, tmp_path):
+    out = tmp_path / "cli"
+    keys = [f"data.root={synth_root}", f"output_dir={out}", "stage1.epochs=1", "stage2.epochs=1"]
+    done = _run_cli("reidlib", "train", "tiny", *keys)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trained = json.loads((out / "metrics.json").read_text())
+    done = _run_cli("reidlib", "test", "tiny", f"weights={out / 'model_final.pt'}", *keys[:2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    tested = json.loads((out / "test_metrics.json").read_text())
+    assert tested["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    done = _run_cli("reidlib", "train", "tiny", "stage2.epoch=3")
+    assert done.returncode != 0 and "did you mean 'stage2.epochs'" in done.stderr
+    done = _run_cli("reidlib", "test", "tiny", f"weights={tmp_path / 'missing.pt'}")
+    assert done.returncode != 0 and "missing.pt" in done.stderr
+    done = _run_cli("reidlib", "--help")
+    assert done.returncode == 0 and "stage2.eval_period" in done.stdout
+
+
+def test_torchrun_two_processes_gloo(synth_root, tmp_path):
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "reidlib", "train", "tiny", f"data.root={synth_root}", f"output_dir={out}",
+         "device=cpu", "stage1.epochs=1", "stage2.epochs=1", "stage2.ims_per_batch=16"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in out.glob("checkpoint_*.pt")] == ["checkpoint_stage2_e001.pt"]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert any(r.get("stage") == 1 for r in records) and any(r.get("stage") == 2 for r in records)
+    assert json.loads((out / "metrics.json").read_text())["num_valid_queries"] > 0
