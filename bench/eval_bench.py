@@ -3,15 +3,17 @@
 Features are synthetic: one random unit centre per identity, a small per-camera shift, Gaussian
 noise, L2-normalised float32, with 15% of the gallery as pid-0 distractors (Market style).
 
-Each row is timed in this process; memory is the peak resident-set growth during the call,
-read from the kernel's high-water mark (``VmHWM``, reset before each call through
-``/proc/self/clear_refs``), so it counts every NumPy and torch allocation, including the result.
+Each row is timed in this process: best wall time of ``--repeats`` runs and its process CPU time
+(all threads; the figure that other load on the machine changes least). Memory is the peak
+resident-set growth during the call, read from the kernel's high-water mark (``VmHWM``, reset
+before each call through ``/proc/self/clear_refs``), so it counts every NumPy and torch
+allocation, the result included.
 
 Baselines, written here and timed in the same run:
 - a per-query NumPy loop (a stable ``argsort`` per row, as the torchreid/fast-reid Python
   evaluators do, without their per-element list comprehension) on a NumPy distance matrix;
-- with ``--dense-rerank``, the published dense re-ranking (``re_ranking`` of torchreid), fed plain
-  Euclidean distances; about 6 GB and minutes at Market size.
+- with ``--dense-rerank``, the published dense re-ranking (``re_ranking`` of torchreid, with a
+  stable argsort), fed plain Euclidean distances; about 8 GB and 5 minutes at Market size.
 
 Usage:
     python bench/eval_bench.py                       # Market size, with baselines
@@ -100,6 +102,11 @@ def _status_mib(key: str) -> float | None:
     return None
 
 
+def _lifetime_peak_mib() -> float:
+    """Fallback where the peak cannot be reset: growth shows only when a call beats every earlier one."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -121,11 +128,11 @@ def measure(fn, repeats: int = 1):
     best_result, best = None, Timing(float("inf"), float("nan"), float("nan"))
     for _ in range(repeats):
         exact_peak = _reset_peak()
-        before = _status_mib("VmRSS") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        before = _status_mib("VmRSS") if exact_peak else _lifetime_peak_mib()
         start, cpu_start = time.perf_counter(), time.process_time()
         result = fn()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        after = _status_mib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        after = _status_mib("VmHWM") if exact_peak else _lifetime_peak_mib()
         if seconds < best.seconds:
             best_result, best = result, Timing(seconds, cpu, after - before)
         del result
@@ -156,7 +163,8 @@ def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
         aps.append(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
         inps.append(len(hits) / (hits[-1] + 1))
     n = len(aps)
-    return {"cmc": (cmc / n).tolist(), "rank1": cmc[0] / n, "mAP": float(np.mean(aps)), "mINP": float(np.mean(inps))}
+    return {"cmc": (cmc / n).tolist(), "rank1": cmc[0] / n, "mAP": float(np.mean(aps)),
+            "mINP": float(np.mean(inps))}
 
 
 def dense_rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
@@ -263,7 +271,7 @@ def bench_size(size: Size, args, rows: list) -> None:
 def bench_rerank(size, qf, gf, labels, label, args, rows) -> None:
     got, t = measure(lambda: rerank(qf, gf, device="cpu"))
     scored = evaluate(distmat=got, q_pids=labels[0], g_pids=labels[1], q_camids=labels[2], g_camids=labels[3])
-    show("rerank", t, f"re-ranked rank1={scored['rank1']:.4f} mAP={scored['mAP']:.4f} mINP={scored['mINP']:.4f}")
+    show("rerank", t, f"re-ranked: rank1={scored['rank1']:.4f} mAP={scored['mAP']:.4f}")
     r = row(label, "rerank (k1=20, k2=6, lambda=0.3)", t)
     if args.dense_rerank or size.name == "tiny":
         q, g = qf.numpy(), gf.numpy()
@@ -279,7 +287,8 @@ def bench_rerank(size, qf, gf, labels, label, args, rows) -> None:
 
 
 def print_table(rows: list) -> None:
-    print("\n| size | task | time (s) | CPU (s) | peak RSS growth (MiB) | baseline (s) | speed-up | largest difference |")
+    print("\n| size | task | time (s) | CPU (s) | peak RSS growth (MiB) | baseline (s) | speed-up "
+          "| largest difference |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = f"{r['base']:.2f}" if "base" in r else "-"
@@ -294,12 +303,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run instead")
     parser.add_argument("--skip-baseline", action="store_true", help="skip the NumPy per-query loop")
     parser.add_argument("--skip-rerank", action="store_true", help="skip re-ranking")
-    parser.add_argument("--dense-rerank", action="store_true", help="also run the dense re-ranking (~6 GB at Market size)")
+    parser.add_argument("--dense-rerank", action="store_true",
+                        help="also run the dense re-ranking (~8 GB and ~5 min at Market size)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (best kept; MSMT: 1)")
     args = parser.parse_args()
 
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, numpy {np.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
+    cuda = "yes" if torch.cuda.is_available() else "no"
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+          f"torch threads, torch {torch.__version__}, numpy {np.__version__}, CUDA {cuda}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     rows: list = []
     for name in ["tiny"] if args.tiny else args.sizes:

@@ -45,11 +45,11 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("ViT-B-16", "open_clip architecture (ViT-B-16, RN50) or a reidlib test config (vit-tiny, rn-tiny)")
+    name: str = opt("ViT-B-16", "open_clip architecture (ViT-B-16, RN50) or a reidlib test config (vit-tiny, vit-tiny8, rn-tiny)")
     pretrained: str = opt("openai", "weights: 'openai' (open_clip tag, needs network once), a local file (OpenAI .pt JIT/state dict, open_clip checkpoint), or 'none' (random init)")
     quick_gelu: str = opt("auto", "QuickGELU activations: auto (on for OpenAI weights, which were trained with it) | true | false")
     image_size: list = opt([256, 128], "input height, width")
-    stride: int = opt(16, "patch-embedding stride; 12 gives overlapping patches (OLP)")
+    stride: int = opt(0, "patch-embedding stride; 0 = the patch size (16 for ViT-B/16); 12 gives overlapping patches (OLP)")
     sie_camera: bool = opt(False, "side information embedding: a learnable per-camera vector added to the CLS token")
     sie_coe: float = opt(3.0, "SIE coefficient (1.0 in the SIE+OLP setting)")
     neck_feat: str = opt("before", "test feature taken before or after the BNNeck: before | after")
@@ -154,11 +154,15 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+BASE_OWNED_KEYS = ("model.name", "model.pretrained", "model.lora.lr")
+
+
 def method_config(method: str, overrides: list[str] | None = None, base: str | None = None) -> Config:
     """The config of a named method (``baseline | proposed | deep_only | lora_only``).
 
     ``base`` replaces the method's YAML (e.g. ``tiny`` for tests and the demo) while keeping the
-    method's model settings, which are applied on top of it.
+    method's model settings, which are applied on top of it; the architecture, weights and LoRA
+    learning rate stay the base's.
     """
     if method not in METHODS:
         raise _unknown_key_error(method, list(METHODS), "the method name")
@@ -166,7 +170,7 @@ def method_config(method: str, overrides: list[str] | None = None, base: str | N
     if base is None:
         return load_config(name, extra + list(overrides or []))
     method_keys = [f"{k}={v}" for k, (v, _) in _read_yaml_chain(resolve_config_path(name)).items()
-                   if k.startswith("model.") and k not in ("model.name", "model.pretrained")]
+                   if k.startswith("model.") and k not in BASE_OWNED_KEYS]
     return load_config(base, method_keys + extra + list(overrides or []))
 
 

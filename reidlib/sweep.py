@@ -2,12 +2,13 @@
 seed), then ``notebooks/compare.ipynb`` on everything that finished.
 
     python -m reidlib sweep --datasets market1501 dukemtmc --methods baseline proposed \\
-        --seeds 0 1 2 --data-root /data --results results
+        --seeds 0 1 2 --data-root /data --results results [--jobs 2] [--set key=value ...]
 
 Layout under the results folder::
 
     <dataset>/<method>/seed<k>/       run folder: metrics.json, config.yaml, metrics.jsonl, curves
-    runs/<dataset>_<method>_seed<k>.ipynb    the executed notebook of that run (kept)
+    runs/<dataset>_<method>_seed<k>.ipynb    the executed notebook of that run (kept), and .log:
+                                      the kernel's own stderr
     runs/compare.ipynb                the executed comparison
     summary.md, summary.csv, figures/ the tables and figures of compare.ipynb
     sweep_failures.log                one entry per failed run
@@ -30,9 +31,11 @@ import contextlib
 import datetime
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,15 +185,32 @@ def _headline(folder: Path) -> str:
         return "no metrics.json"
 
 
+def _execute_run(notebook, out_nb: Path, params: dict, kernel_name, log_output: bool) -> tuple[str | None, float]:
+    """One run, in the sweep's process or a worker process: (None or the error, seconds)."""
+    folder = Path(params["output_dir"])
+    started = time.time()
+    try:
+        execute_notebook(notebook, out_nb, params, kernel_name, log_output)
+        if not (folder / "metrics.json").is_file():
+            raise RuntimeError(f"the notebook finished but wrote no {folder / 'metrics.json'}")
+    except Exception as err:  # noqa: BLE001 - any failure of one run is reported, not fatal
+        if (folder / "metrics.json").is_file():  # failed after training: not complete
+            (folder / "metrics.json").replace(folder / "metrics.failed.json")
+        return error_message(err), time.time() - started
+    (folder / "metrics.failed.json").unlink(missing_ok=True)  # from an earlier, failed attempt
+    return None, time.time() - started
+
+
 def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Path = "results",
               overrides=None, base_config: str | None = None, device: str = "auto",
               notebook: str | Path = TRAIN_NOTEBOOK, compare_notebook: str | Path | None = COMPARE_NOTEBOOK,
               kernel_name: str | None = None, log_output: bool = False, force: bool = False,
-              echo=print) -> SweepReport:
+              jobs: int = 1, echo=print) -> SweepReport:
     """Execute ``notebook`` for every (dataset, method, seed) not yet complete, then
     ``compare_notebook`` (None: skip it). ``data_roots`` is one folder for all data sets, a
     dict data set -> folder, or None (the config's ``data.root``). ``force`` reruns complete runs.
-    Returns a :class:`SweepReport`; never raises for a failed run."""
+    ``jobs`` > 1 runs that many notebooks at once (separate processes; e.g. CPU runs with one
+    thread each). Returns a :class:`SweepReport`; never raises for a failed run."""
     started = time.time()
     root = Path(results_root)
     (root / "runs").mkdir(parents=True, exist_ok=True)
@@ -200,40 +220,50 @@ def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Pat
     echo(f"sweep: {_count(len(runs), 'run')} ({_count(len(datasets), 'data set')} x "
          f"{_count(len(methods), 'method')} x {_count(len(seeds), 'seed')}); "
          f"{len(runs) - len(todo)} already complete, {len(todo)} to run; results in {root}")
-    done_seconds = []
-    for i, run in enumerate(runs, 1):
-        folder = run_dir(root, run.dataset, run.method, run.seed)
-        tag = f"[{i}/{len(runs)}] {run}"
+    tags = {run: f"[{i}/{len(runs)}] {run}" for i, run in enumerate(runs, 1)}
+    for run in runs:
         if run not in todo:
             report.skipped.append(run)
-            echo(f"{tag}: complete, skipped ({_headline(folder)})")
-            continue
-        out_nb = root / "runs" / f"{run.name}.ipynb"
+            echo(f"{tags[run]}: complete, skipped ({_headline(run_dir(root, run.dataset, run.method, run.seed))})")
+
+    def task(run: Run) -> tuple:
         params = {"dataset": run.dataset, "data_root": _root_for(data_roots, run.dataset),
                   "method": run.method, "seed": run.seed, "overrides": list(overrides or []),
-                  "base_config": base_config, "output_dir": str(folder), "device": device}
-        echo(f"{tag}: running -> {out_nb}")
-        t0 = time.time()
-        try:
-            execute_notebook(notebook, out_nb, params, kernel_name, log_output)
-            if not (folder / "metrics.json").is_file():
-                raise RuntimeError(f"the notebook finished but wrote no {folder / 'metrics.json'}")
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # noqa: BLE001 - any failure of one run is reported, not fatal
-            message = error_message(err)
-            if (folder / "metrics.json").is_file():  # failed after training: not complete
-                (folder / "metrics.json").replace(folder / "metrics.failed.json")
+                  "base_config": base_config, "output_dir": str(run_dir(root, run.dataset, run.method, run.seed)),
+                  "device": device}
+        echo(f"{tags[run]}: {'running' if jobs <= 1 else 'queued'} -> {root / 'runs' / (run.name + '.ipynb')}")
+        return notebook, root / "runs" / f"{run.name}.ipynb", params, kernel_name, log_output
+
+    done_seconds = []
+
+    def finish(run: Run, message: str | None, seconds: float) -> None:
+        if message is not None:
             report.failed.append((run, message))
-            _log_failure(root, run, message, out_nb)
-            echo(f"{tag}: FAILED after {_duration(time.time() - t0)}: {message[:200]}")
-            continue
-        seconds = time.time() - t0
-        done_seconds.append(seconds)
+            _log_failure(root, run, message, root / "runs" / f"{run.name}.ipynb")
+            echo(f"{tags[run]}: FAILED after {_duration(seconds)}: {message[:200]}")
+            return
         report.ran.append(run)
-        remaining = todo[todo.index(run) + 1:]
-        eta = f"; about {_duration(sum(done_seconds) / len(done_seconds) * len(remaining))} left" if remaining else ""
-        echo(f"{tag}: done in {_duration(seconds)}: {_headline(folder)}{eta}")
+        done_seconds.append(seconds)
+        left = len(todo) - len(report.ran) - len(report.failed)
+        eta = sum(done_seconds) / len(done_seconds) * left / max(1, min(jobs, left)) if left else 0
+        eta_text = f"; about {_duration(eta)} left" if left else ""
+        echo(f"{tags[run]}: done in {_duration(seconds)}: "
+             f"{_headline(run_dir(root, run.dataset, run.method, run.seed))}{eta_text}")
+
+    if jobs <= 1:
+        for run in todo:
+            finish(run, *_execute_run(*task(run)))
+    else:
+        # spawn, not fork: the parent may hold torch's threads (the demo loads the data set)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_execute_run, *task(run)): run for run in todo}
+            for future in as_completed(futures):
+                try:
+                    message, seconds = future.result()
+                except Exception as err:  # noqa: BLE001 - a worker that died
+                    message, seconds = error_message(err), 0.0
+                finish(futures[future], message, seconds)
     if compare_notebook is not None:
         complete = any((run_dir(root, r.dataset, r.method, r.seed) / "metrics.json").is_file() for r in runs)
         if complete:
@@ -295,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compare", action="store_true", help="do not run compare.ipynb at the end")
     parser.add_argument("--notebook", default=str(TRAIN_NOTEBOOK), help="the notebook run per combination")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, python3)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks run at once (default 1); e.g. 2 on a 2-core CPU with OMP_NUM_THREADS=1")
     parser.add_argument("--verbose", action="store_true", help="stream the notebooks' output")
     return parser
 
@@ -309,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(notebook).is_file():
             raise SystemExit(f"notebook {notebook} not found: run from a clone of the repository "
                              "(the notebooks are not part of the installed package) or pass --notebook")
-    report = run_sweep(args.datasets, args.methods, args.seeds, parse_data_roots(args.data_root),
-                       args.results, args.overrides, args.base, args.device, args.notebook,
-                       None if args.no_compare else COMPARE_NOTEBOOK, args.kernel, args.verbose,
-                       args.force, echo=lambda text: print(text, flush=True))
+    report = run_sweep(args.datasets, args.methods, args.seeds, data_roots=parse_data_roots(args.data_root),
+                       results_root=args.results, overrides=args.overrides, base_config=args.base,
+                       device=args.device, notebook=args.notebook,
+                       compare_notebook=None if args.no_compare else COMPARE_NOTEBOOK,
+                       kernel_name=args.kernel, log_output=args.verbose, force=args.force,
+                       jobs=args.jobs, echo=lambda text: print(text, flush=True))
     return 1 if args.strict and not report.ok else 0
 
 

@@ -64,7 +64,7 @@ def test_round_trip_through_dict():
 def test_methods_differ_only_in_what_they_name():
     base = method_config("baseline", base="tiny")
     prop = method_config("proposed", base="tiny")
-    assert base.model.name == prop.model.name == "vit-tiny"
+    assert base.model.name == prop.model.name == "vit-tiny8"
     assert (base.model.prompt, prop.model.prompt) == ("clipreid", "deep")
     assert (base.model.lora.enabled, prop.model.lora.enabled) == (False, True)
     assert method_config("deep_only", base="tiny").model.lora.enabled is False

@@ -11,6 +11,7 @@ import torch
 import reidlib
 from reidlib.config import load_config, method_config
 from reidlib.data import load_dataset
+from reidlib.data.synth import generate_market
 from reidlib.engine import stage2 as stage2_module
 from reidlib.engine.checkpoint import load_checkpoint
 from reidlib.engine.schedule import cosine_with_warmup, warmup_multistep
@@ -31,10 +32,17 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def trained_run(synth_root, tmp_path_factory):
+def demo_root(tmp_path_factory):
+    """The demo's generated data set (60 ids: 30 train, 30 test, 4 cameras)."""
+    return generate_market(tmp_path_factory.mktemp("demo_data") / "market", ids=60, cams=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_root, tmp_path_factory):
+    """The tiny baseline with the tiny config's own schedule (6 + 12 epochs)."""
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_cfg(synth_root, out, "stage1.epochs=8", "stage2.epochs=8", "stage2.steps=[6]",
-                   "stage1.checkpoint_period=4")
+    cfg = method_config("baseline", [f"data.root={demo_root}", f"output_dir={out}", "device=cpu",
+                                     "stage1.checkpoint_period=4"], base="tiny")
     metrics = reidlib.train(cfg)
     return cfg, out, metrics
 
@@ -42,19 +50,22 @@ def trained_run(synth_root, tmp_path_factory):
 def test_stage1_lowers_its_loss(trained_run):
     _, out, _ = trained_run
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r.get("stage") == 1 and "loss" in r]
-    assert len(losses) == 8
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 6
+    # measured: 8.81 -> 7.78 (the i2t + t2i loss has a floor above 0: several positives per row)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(b <= a + 1e-3 for a, b in zip(losses, losses[1:])), losses
 
 
-def test_stage2_raises_map_well_above_untrained(trained_run, synth_root):
+def test_stage2_raises_map_well_above_untrained(trained_run, demo_root):
     cfg, out, metrics = trained_run
-    dataset = load_dataset("market1501", synth_root)
+    dataset = load_dataset("market1501", demo_root)
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg.model, num_classes=dataset.num_train_pids,
                             num_cameras=dataset.num_train_cams)
     before = evaluate_model(untrained, dataset, cfg, progress=False)
-    # Measured on this data set: untrained mAP ~0.2x, trained ~0.5x (see the closing note).
-    assert metrics["mAP"] > before["mAP"] + 0.1, (before["mAP"], metrics["mAP"])
+    # Measured on this data set (seed 1234): untrained mAP 0.028 (R1 0.000), trained 0.232 (R1 0.219).
+    assert metrics["mAP"] > max(3 * before["mAP"], before["mAP"] + 0.1), (before, metrics)
+    assert metrics["rank1"] > before["rank1"] + 0.1
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["mAP"] == pytest.approx(metrics["mAP"]) and saved["method"] == "baseline"
     assert len(saved["cmc"]) >= 10
@@ -64,8 +75,8 @@ def test_run_folder_contents(trained_run):
     _, out, _ = trained_run
     assert (out / "config.yaml").is_file() and (out / "model_final.pt").is_file()
     # only the newest resumable checkpoint is kept
-    assert [p.name for p in out.glob("checkpoint_*.pt")] == ["checkpoint_stage2_e008.pt"]
-    state = load_checkpoint(out / "checkpoint_stage2_e008.pt")
+    assert [p.name for p in out.glob("checkpoint_*.pt")] == ["checkpoint_stage2_e012.pt"]
+    state = load_checkpoint(out / "checkpoint_stage2_e012.pt")
     assert {"model", "optimizer", "rng", "config", "sampler", "scheduler"} <= set(state)
 
 

@@ -125,7 +125,8 @@ def test_matches_reference_on_random_cases(integer_distances):
     for _ in range(150):
         distmat, q_pids, g_pids, q_cams, g_cams = random_case(rng, integer_distances)
         expected = reference_evaluate(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=10)
-        kwargs = dict(distmat=distmat, q_pids=q_pids, g_pids=g_pids, q_camids=q_cams, g_camids=g_cams, max_rank=10)
+        kwargs = dict(distmat=distmat, q_pids=q_pids, g_pids=g_pids, q_camids=q_cams, g_camids=g_cams,
+                      max_rank=10)
         if expected is None:
             with pytest.raises(ValueError, match="no query has a match"):
                 evaluate(**kwargs, chunk_size=int(rng.integers(1, 8)))
@@ -179,7 +180,9 @@ def test_chunk_size_does_not_change_results():
     results = [evaluate(qf, gf, *lab, chunk_size=c) for c in (1, 3, 7, 1000)]
     assert all(r == results[0] for r in results)
     dist = compute_distance(qf, gf)
-    assert evaluate(distmat=dist, q_pids=lab[0], g_pids=lab[1], q_camids=lab[2], g_camids=lab[3], chunk_size=5) == results[0]
+    by_distance = evaluate(distmat=dist, q_pids=lab[0], g_pids=lab[1], q_camids=lab[2], g_camids=lab[3],
+                           chunk_size=5)
+    assert by_distance == results[0]
 
 
 def test_explicit_cpu_device_numpy_and_torch_inputs_agree():
@@ -277,7 +280,8 @@ def test_error_on_bad_arguments():
     with pytest.raises(ValueError, match="metric must be one of"):
         evaluate(qf, gf, *lab, metric="manhattan")
     with pytest.raises(ValueError, match="rerank needs features"):
-        evaluate(distmat=np.zeros((2, 2)), q_pids=[1, 2], g_pids=[1, 2], q_camids=[0, 0], g_camids=[1, 1], rerank=True)
+        evaluate(distmat=np.zeros((2, 2)), q_pids=[1, 2], g_pids=[1, 2], q_camids=[0, 0], g_camids=[1, 1],
+                 rerank=True)
     with pytest.raises(ValueError, match="q_pids is required"):
         evaluate(qf, gf)
     with pytest.raises(ValueError, match="both qf and gf are required"):

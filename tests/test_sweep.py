@@ -9,6 +9,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
+from reidlib.config import load_config
 from reidlib.sweep import main, parse_data_roots, run_config, run_dir, run_sweep
 
 PARAMETERS = """dataset = "market1501"
@@ -87,8 +88,9 @@ def test_run_config_and_data_roots():
                      results_root="out")
     assert (cfg.data.dataset, cfg.data.root, cfg.seed, cfg.stage2.epochs) == ("dukemtmc", "/data/duke", 3, 2)
     assert cfg.output_dir == "out/dukemtmc/proposed/seed3" and cfg.model.lora.enabled
-    assert cfg.model.name == "vit-tiny" and cfg.model.prompt == "deep"
+    assert cfg.model.name == load_config("tiny").model.name and cfg.model.prompt == "deep"
     assert run_config("market1501", "baseline", 0, overrides=["seed=7"]).seed == 7  # overrides win
     assert parse_data_roots(["/data"]) == "/data"
     assert parse_data_roots(["market1501=/m", "dukemtmc=/d"]) == {"market1501": "/m", "dukemtmc": "/d"}
     assert parse_data_roots(None) is None
+

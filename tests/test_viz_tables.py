@@ -125,3 +125,52 @@ def test_training_curves_and_retrieval_grid(tmp_path):
     retrieval_grid(images[0], images[1:], [True, False, True], tmp_path / "grid.png", title="t", close=True)
     retrieval_grid(images[0], images[1:], None, tmp_path / "grid_unknown.png", close=True)
     assert (tmp_path / "grid.png").stat().st_size > 5_000
+
+
+def test_attention_rollout_by_hand():
+    import torch
+    from reidlib.viz.attention import attention_rollout, last_layer_cls_attention
+    a1 = torch.softmax(torch.randn(2, 3, 5, 5), -1)   # [B, heads, N, N]
+    a2 = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    eye = torch.eye(5)
+    m1, m2 = 0.5 * a1.mean(1) + 0.5 * eye, 0.5 * a2.mean(1) + 0.5 * eye   # rows already sum to 1
+    expected = (m2 @ m1)[:, 0, 1:]
+    assert torch.allclose(attention_rollout([a1, a2]), expected, atol=1e-6)
+    assert torch.allclose(last_layer_cls_attention([a1, a2]), a2.mean(1)[:, 0, 1:])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_hooked_attention_is_the_blocks_attention(overlap):
+    """softmax(q k^T / sqrt(d)) from the q/k hooks, times the hooked v, gives exactly what the
+    block feeds its output projection (LoRA on); the maps have the model's non-square token grid,
+    with and without overlapping patches."""
+    import torch
+    from reidlib.config import load_config
+    from reidlib.model import build_model
+    from reidlib.viz.attention import AttentionRecorder, attention_maps
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["model.lora.enabled=true"]).model
+    patch = build_model(cfg, num_classes=3).visual.vit.conv1.kernel_size[0]
+    cfg.stride = patch * 3 // 4 if overlap else patch
+    model = build_model(cfg, num_classes=3).eval()
+    height, width = cfg.image_size
+    grid = ((height - patch) // cfg.stride + 1, (width - patch) // cfg.stride + 1)
+    assert grid[0] > grid[1]
+    attn = model.visual.vit.transformer.resblocks[-1].attn
+    seen = {}
+    hooks = [attn.v_proj.register_forward_hook(lambda m, i, o: seen.update(v=o)),
+             attn.out_proj.register_forward_pre_hook(lambda m, i: seen.update(mixed=i[0]))]
+    images = torch.randn(2, 3, 128, 64)
+    with torch.no_grad(), AttentionRecorder(model) as recorder:
+        model.encode_image(images)
+    for h in hooks:
+        h.remove()
+    weights = recorder.attentions()
+    assert len(weights) == len(model.visual.vit.transformer.resblocks)
+    batch, length, dim = seen["v"].shape
+    v = seen["v"].view(batch, length, attn.num_heads, -1).transpose(1, 2)
+    mixed = (weights[-1] @ v).transpose(1, 2).reshape(batch, length, dim)
+    assert length == 1 + grid[0] * grid[1]
+    assert torch.allclose(mixed, seen["mixed"], atol=1e-5)
+    maps = attention_maps(model, images)
+    assert maps.shape == (2, *grid) and torch.allclose(maps.amax(dim=(1, 2)), torch.ones(2))

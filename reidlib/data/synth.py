@@ -126,12 +126,14 @@ def _segment(u, v, start, end, radius):
 
 def _background(camera: dict, rng: np.random.Generator) -> np.ndarray:
     horizon = (camera["horizon"] + rng.normal(0, 0.05)) * HEIGHT
-    wall, floor = camera["wall"] + rng.normal(0, 15, 3), camera["floor"] + rng.normal(0, 15, 3)  # frames differ a little
+    # the scene's colours drift a little from frame to frame
+    wall, floor = camera["wall"] + rng.normal(0, 15, 3), camera["floor"] + rng.normal(0, 15, 3)
     image = np.where((_Y < horizon)[..., None], wall, floor).astype(np.float32)
     image += np.roll(camera["texture"], int(rng.integers(WIDTH)), axis=1)
     if rng.random() < 0.4:  # a pole, a door, another pedestrian far behind
         x0 = rng.uniform(-5, WIDTH)
-        image[_box(_X, _Y, x0, x0 + rng.uniform(3, 14), rng.uniform(0, HEIGHT / 2), HEIGHT)] = rng.uniform(30, 220, 3)
+        thing = _box(_X, _Y, x0, x0 + rng.uniform(3, 14), rng.uniform(0, HEIGHT / 2), HEIGHT)
+        image[thing] = rng.uniform(30, 220, 3)
     return image * rng.uniform(0.9, 1.1)
 
 
@@ -270,7 +272,8 @@ def render_image(who: dict, camera: dict, rng: np.random.Generator, junk: bool =
     if rng.random() < 0.2:
         _occlude(image, rng)
     image *= camera["gain"] * np.float32(camera["brightness"] * rng.uniform(0.9, 1.1))
-    image += rng.standard_normal((HEIGHT, WIDTH, 1), dtype=np.float32) * np.float32(camera["noise"])  # sensor noise
+    noise = rng.standard_normal((HEIGHT, WIDTH, 1), dtype=np.float32)  # sensor noise, one value per pixel
+    image += noise * np.float32(camera["noise"])
     out = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     return out.filter(ImageFilter.GaussianBlur(camera["blur"])) if camera["blur"] else out
 
@@ -323,7 +326,8 @@ def plan_images(ids: int = 60, cams: int = 4, seed: int = 0, train_frac: float =
 
     for pid in pids.tolist():
         is_train = pid in train_set
-        count = next(train_counts) if (is_train and train_images is not None) else int(rng.integers(low, high + 1))
+        exact = is_train and train_images is not None
+        count = next(train_counts) if exact else int(rng.integers(low, high + 1))
         per_visit = 1 if is_train else 2                            # a test visit keeps >= 1 gallery image
         visits = int(rng.integers(min(2, cams), cams + 1))
         if is_train:
@@ -342,7 +346,8 @@ def plan_images(ids: int = 60, cams: int = 4, seed: int = 0, train_frac: float =
         n_distractors = ids // 2 if distractors is None else distractors
         n_junk = max(3, ids // 20) if junk is None else junk
         for j in range(n_distractors):                              # pid 0: people outside the set
-            add(SPLIT_FOLDERS[2], 0, 1_000_000 + j, int(rng.integers(cams)), int(rng.integers(1, 7)), 10 * j, j % 100)
+            add(SPLIT_FOLDERS[2], 0, 1_000_000 + j, int(rng.integers(cams)), int(rng.integers(1, 7)), 10 * j,
+                j % 100)
         for j in range(n_junk):
             add(SPLIT_FOLDERS[2], -1, 2_000_000 + j, int(rng.integers(cams)), int(rng.integers(1, 7)), 10 * j,
                 j % 100, is_junk=True)
@@ -415,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-only", action="store_true", help="write only bounding_box_train, all ids")
     parser.add_argument("--train-images", type=int, default=None, help="exact number of train images")
     parser.add_argument("--market-size", action="store_true",
-                        help="Market-1501's training set size: --ids 751 --cams 6 --train-only --train-images 12936")
+                        help="Market-1501's training set size: --ids 751 --cams 6 --train-only "
+                             "--train-images 12936")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 1 if small, else <= 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace the images already in OUT")
     args = parser.parse_args(argv)

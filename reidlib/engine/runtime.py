@@ -57,6 +57,12 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (torchrun runs) once every rank is done."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":

@@ -82,7 +82,10 @@ def train_stage1_epoch(model, step_module, optimizer, feats, labels, epoch: int,
     set_epoch_lr(optimizer, epoch + 1, stage1_lr_schedule(cfg))
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, 1, epoch))
     order = torch.randperm(len(feats), generator=generator).to(feats.device)
-    batches = order.split(cfg.stage1.batch_size)  # the last batch may be short, never empty
+    batches = list(order.split(cfg.stage1.batch_size))  # the last batch may be short, never empty
+    if len(batches) > 1 and len(batches[-1]) < runtime.world_size:
+        # every rank needs a share of every batch (DDP steps together): fold a tiny tail in
+        batches[-2:] = [torch.cat(batches[-2:])]
     model.train()
     loss_sum = torch.zeros((), device=feats.device)
     started = time.time()

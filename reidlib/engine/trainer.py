@@ -187,7 +187,7 @@ def train(cfg: Config, dataset=None) -> dict:
         _write_json(runtime.output_dir / "metrics.json", summary)
         log.info("final: R1 %.2f  mAP %.2f  mINP %.2f", 100 * metrics["rank1"],
                  100 * metrics["mAP"], 100 * metrics["mINP"])
-    runtime.barrier()
+    runtime.close()
     return metrics
 
 
@@ -229,4 +229,5 @@ def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
     metrics = evaluate_model(model, dataset, cfg, runtime)
     if runtime.is_main:
         _write_json(runtime.output_dir / "test_metrics.json", {"weights": str(weights), **metrics})
+    runtime.close()
     return metrics

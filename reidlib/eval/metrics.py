@@ -115,8 +115,8 @@ def squared_norms(x: torch.Tensor, dim: int = 1, step: int = 8192) -> torch.Tens
     (``vector_norm(x) ** 2`` would round through a square root: exact integer inputs would no
     longer give exact distances.)
     """
-    other = 1 - dim
-    parts = [x.narrow(other, s, min(step, x.shape[other] - s)).square().sum(dim) for s in range(0, x.shape[other], step)]
+    other, length = 1 - dim, x.shape[1 - dim]
+    parts = [x.narrow(other, s, min(step, length - s)).square().sum(dim) for s in range(0, length, step)]
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
@@ -293,8 +293,8 @@ class _MetricTotals:
         self.ap += float((precision.sum(1) / num_matches).sum())
         last = torch.where(is_match, positions, torch.full_like(positions, -1)).amax(1)
         self.inp += float((num_matches.double() / (last.double() + 1)).sum())
-        big = torch.iinfo(positions.dtype).max
-        self.first_hits.append(torch.where(is_match, positions, torch.full_like(positions, big)).amin(1).cpu())
+        big = torch.full_like(positions, torch.iinfo(positions.dtype).max)
+        self.first_hits.append(torch.where(is_match, positions, big).amin(1).cpu())
 
     def result(self, max_rank: int) -> dict:
         first = torch.cat(self.first_hits) if self.first_hits else torch.zeros(0, dtype=torch.long)

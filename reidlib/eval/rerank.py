@@ -127,7 +127,7 @@ def _check_parameters(k1: int, k2: int, lambda_value: float) -> None:
 def _features(x: Any, name: str) -> torch.Tensor:
     feats = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if feats.dim() != 2 or len(feats) == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D (num_images x dim) matrix, got shape {tuple(feats.shape)}")
+        raise ValueError(f"{name} must be a non-empty 2-D matrix (num_images x dim), got {tuple(feats.shape)}")
     return feats.float()  # the published code works in float32; NaN/inf are checked on the norms
 
 
@@ -156,7 +156,9 @@ def _available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def estimate_memory(num_query: int, num_gallery: int, dim: int, k1: int = 20, k2: int = 6, chunk_size: int | None = None) -> int:
+def estimate_memory(
+    num_query: int, num_gallery: int, dim: int, k1: int = 20, k2: int = 6, chunk_size: int | None = None
+) -> int:
     """Estimated peak bytes :func:`rerank` needs (an upper bound on the sparse parts).
 
     Example:
@@ -241,7 +243,9 @@ class _Neighbours:
         self.index, self.value, self.row_max = index, value, row_max
 
 
-def _nearest_neighbours(distance: _RowDistance, k1: int, k2: int, chunk: int, result: torch.Tensor) -> _Neighbours:
+def _nearest_neighbours(
+    distance: _RowDistance, k1: int, k2: int, chunk: int, result: torch.Tensor
+) -> _Neighbours:
     """One pass over the N x N distances, a chunk of rows at a time: row maxima, nearest-neighbour
     lists, and the normalised query-by-gallery block written into ``result``."""
     n, num_query = len(distance.x), len(result)

@@ -5,7 +5,7 @@ Everything CLIP is open_clip's (``open_clip.CLIP``: modules, weights, tokenizer)
 
 * loads weights: the ``openai`` tag, a local file (OpenAI's JIT ``.pt`` or state dict, an open_clip
   checkpoint) or ``none`` (random, for tests), with QuickGELU whenever the weights are OpenAI's;
-* registers two tiny test architectures, ``vit-tiny`` and ``rn-tiny``, with CLIP's tokenizer;
+* registers tiny test architectures, ``vit-tiny``, ``vit-tiny8`` (patch 8) and ``rn-tiny``, with CLIP's tokenizer;
 * adapts the image tower to re-ID: non-square input, positional embedding resized the reference's
   way, overlapping patches (OLP), the SIE bias on the CLS token, and three features per image.
 
@@ -45,6 +45,9 @@ _TINY_TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers
 TINY_CONFIGS = {
     "vit-tiny": dict(embed_dim=32, text_cfg=_TINY_TEXT,
                      vision_cfg=dict(image_size=224, layers=3, width=64, head_width=32, patch_size=16)),
+    # Patch 8: at the demo's 128x64 input a 16x8 token grid, the one ViT-B/16 has at 256x128.
+    "vit-tiny8": dict(embed_dim=32, text_cfg=_TINY_TEXT,
+                      vision_cfg=dict(image_size=224, layers=3, width=64, head_width=32, patch_size=8)),
     "rn-tiny": dict(embed_dim=32, text_cfg=_TINY_TEXT,
                     vision_cfg=dict(image_size=224, layers=[1, 1, 1, 1], width=8, head_width=32)),
 }
@@ -78,7 +81,7 @@ def load_clip(name: str = "ViT-B-16", pretrained: str = "openai", quick_gelu: st
     name = name.replace("/", "-")
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"model.name '{name}': unknown architecture; use ViT-B-16, RN50, vit-tiny, rn-tiny "
+        raise ValueError(f"model.name '{name}': unknown architecture; use ViT-B-16, RN50, vit-tiny, vit-tiny8, rn-tiny "
                          "or another open_clip name (open_clip.list_models())")
     _check_supported(name, cfg)
     choice = str(pretrained).strip()
@@ -338,12 +341,14 @@ class ReIDResNet(nn.Module):
         return x3.mean(dim=(2, 3)), x4.mean(dim=(2, 3)), net.attnpool(x4)
 
 
-def reid_image_tower(visual: nn.Module, image_size=(256, 128), stride: int = 16) -> nn.Module:
-    """The re-ID wrapper for an open_clip image tower (ViT or ModifiedResNet)."""
+def reid_image_tower(visual: nn.Module, image_size=(256, 128), stride: int = 0) -> nn.Module:
+    """The re-ID wrapper for an open_clip image tower (ViT or ModifiedResNet).
+
+    ``stride`` 0 means the patch size (no overlap); a smaller one gives overlapping patches."""
     if isinstance(visual, VisionTransformer):
-        return ReIDViT(visual, image_size, stride)
+        return ReIDViT(visual, image_size, stride or visual.conv1.kernel_size[0])
     if isinstance(visual, ModifiedResNet):
-        if stride != 16:
+        if stride not in (0, 16):
             raise ValueError("model.stride (overlapping patches) applies to ViT image encoders only")
         return ReIDResNet(visual, image_size)
     raise ValueError(f"unsupported image tower {type(visual).__name__}")

@@ -194,8 +194,8 @@ def attention_figure(models: dict, items, out_png: str | Path | None = None, mod
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{what.capitalize()} of the image encoder ({'x'.join(map(str, token_grid(models[names[0]][0])))} tokens)",
-                 fontsize=10)
+    rows, cols = token_grid(models[names[0]][0])
+    fig.suptitle(f"{what[0].upper()}{what[1:]} of the image encoder ({rows}x{cols} tokens)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.88, 1))
     cax = fig.add_axes((0.9, 0.15, 0.025, 0.7))
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(0, 1), cmap="inferno"), cax=cax)

@@ -1,11 +1,12 @@
-"""Figures of the results: per-dataset bars with error bars over seeds, CMC curves, training
-curves of one run. Every function saves a PNG and returns the matplotlib figure (shown inline in
-a notebook).
+"""Figures of the results: per-dataset bars with error bars over seeds, the per-seed gains over
+the baseline, CMC curves, and the training curves of one run. Every function saves a PNG and
+returns the matplotlib figure (shown inline in a notebook).
 
 Example::
 
     runs = collect_metrics("results")
     plot_bars(runs, "results/figures/bars.png")
+    plot_gains(runs, "results/figures/gains.png")
     plot_cmc(runs, "results/figures/cmc.png")
     plot_training_curves("results/market1501/proposed/seed0/metrics.jsonl", "curves.png")
 """
@@ -15,11 +16,11 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-from .tables import METHOD_ORDER, METRIC_NAMES, format_p, method_name, paired_test
+from .tables import METHOD_ORDER, METRIC_NAMES, format_p, method_name, ordered_datasets, paired_test
 
 DPI = 150
 
@@ -54,9 +55,9 @@ def plot_bars(runs: pd.DataFrame, out_png: str | Path | None = None,
     data = runs.assign(Method=runs["method"].map(method_name), Dataset=runs["dataset"])
     order = [method_name(m) for m in methods]
     palette = _palette(methods)
-    datasets = sorted(data["Dataset"].unique())
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 1.2 + 1.6 * len(datasets) * max(1, len(methods)) / 2) * len(metrics), 4.2),
-                             squeeze=False)
+    datasets = ordered_datasets(data["Dataset"])
+    width = max(4.5, 1.5 + 0.45 * len(datasets) * len(methods))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         data[metric + "_pct"] = 100 * data[metric].astype(float)
         sns.barplot(data=data, x="Dataset", y=metric + "_pct", hue="Method", order=datasets,
@@ -95,11 +96,12 @@ def plot_gains(runs: pd.DataFrame, out_png: str | Path | None = None, reference:
     a few tenths of a point is invisible on bars that start at 0; here it is not."""
     methods = [m for m in _ordered_methods(runs["method"]) if m != reference]
     palette = _palette(methods)
-    datasets = sorted(runs["dataset"].unique())
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 1.5 + 1.4 * len(datasets)) * len(metrics), 4.0),
-                             squeeze=False)
-    width = 0.7 / max(1, len(methods))
+    datasets = ordered_datasets(runs["dataset"])
+    width = max(4.5, 1.5 + 0.6 * len(datasets) * max(2, len(methods)))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.0), squeeze=False)
+    slot = 0.7 / max(1, len(methods))  # horizontal room of one method within a data set
     for ax, metric in zip(axes[0], metrics):
+        labelled = set()
         for j, method in enumerate(methods):
             for i, dataset in enumerate(datasets):
                 sel = runs[runs["dataset"] == dataset]
@@ -108,16 +110,19 @@ def plot_gains(runs: pd.DataFrame, out_png: str | Path | None = None, reference:
                 diff = 100 * np.array([new[s] - ref[s] for s in sorted(set(new) & set(ref))], dtype=float)
                 if not len(diff):
                     continue
-                x = i + (j - (len(methods) - 1) / 2) * width
+                x = i + (j - (len(methods) - 1) / 2) * slot
                 color = palette[method_name(method)]
                 ax.scatter(np.full(len(diff), x), diff, color=color, edgecolor="black", linewidth=0.5,
-                           s=22, zorder=3, label=method_name(method) if i == 0 else None)
+                           s=22, zorder=3, label=None if method in labelled else method_name(method))
+                labelled.add(method)
                 std = diff.std(ddof=1) if len(diff) > 1 else 0.0
-                ax.errorbar(x + width * 0.25, diff.mean(), yerr=std, fmt="D", color=color, capsize=4,
+                ax.errorbar(x + slot * 0.25, diff.mean(), yerr=std, fmt="D", color=color, capsize=4,
                             markersize=6, markeredgecolor="black", zorder=4)
-                p = paired_test(dict(enumerate(diff)), dict(enumerate(np.zeros_like(diff))))["p_ttest"]
-                ax.annotate(f"{diff.mean():+.2f}\n(p={format_p(p)})", (x + width * 0.3, diff.mean()), xytext=(6, 0),
-                            textcoords="offset points", va="center", fontsize=8)
+                if len(methods) == 1:  # with several methods the numbers would overlap: see the table
+                    # the paired t-test of the table: a one-sample test of the per-seed differences
+                    p = paired_test(dict(enumerate(diff)), dict(enumerate(np.zeros_like(diff))))["p_ttest"]
+                    ax.annotate(f"{diff.mean():+.2f}\n(p={format_p(p)})", (x + slot * 0.3, diff.mean()),
+                                xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(datasets)), datasets)
         ax.set_xlim(-0.6, len(datasets) - 0.4)
@@ -128,8 +133,9 @@ def plot_gains(runs: pd.DataFrame, out_png: str | Path | None = None, reference:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), frameon=False,
                bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("Dots: single seeds; diamonds: mean ± 1 std of the per-seed differences; "
-                 "p: paired t-test", fontsize=9, y=0.99)
+    note = "; p: paired t-test" if len(methods) == 1 else "; numbers and p-values: summary.md"
+    fig.suptitle("Dots: single seeds; diamonds: mean ± 1 std of the per-seed differences" + note,
+                 fontsize=9, y=0.99)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     return _save(fig, out_png)
 
@@ -138,7 +144,7 @@ def plot_cmc(runs: pd.DataFrame, out_png: str | Path | None = None, max_rank: in
     """One panel per data set: the CMC curve of each method, mean over seeds with a ±1 std band."""
     methods = _ordered_methods(runs["method"])
     palette = _palette(methods)
-    datasets = sorted(runs["dataset"].unique())
+    datasets = ordered_datasets(runs["dataset"])
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for method in methods:
@@ -214,7 +220,9 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path | None =
                             ("i2t", "image-to-text CE")):
             if part in s2:
                 ax.plot(s2["epoch"], s2[part], marker=".", label=label)
-        ax.legend(fontsize=8)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.4 * (high - low))  # room for the legend above the curves
+        ax.legend(fontsize=8, loc="upper center", ncol=2)
     ax.set(title="Stage 2: image-encoder fine-tuning", xlabel="Epoch", ylabel="Loss")
     ax = axes[1, 0]
     if len(s1):

@@ -24,7 +24,7 @@ from PIL import Image
 
 CORRECT, WRONG, UNKNOWN, QUERY = "#1a9850", "#d73027", "#9e9e9e", "#2c7bb6"
 CELL = (1.25, 2.5)  # inches per image (width, height): person crops are 2:1
-DPI = 100           # 125 x 250 pixels per image: above the data sets' 64 x 128 and 128 x 256 crops
+DPI = 80            # 100 x 200 pixels per image: above the generated and Market-1501 crops (64 x 128)
 
 
 def rank_gallery(dist_row, q_pid: int, q_cam: int, g_pids, g_cams, top: int = 10):
@@ -55,7 +55,7 @@ def retrieval_rows(rows: list[dict], out_png: str | Path | None = None, title: s
     paths), and optionally ``correct`` (booleans or None), ``label`` (text left of the row),
     ``query_caption`` and ``captions`` (text under each image)."""
     top = max(len(r["gallery"]) for r in rows)
-    fig, axes = plt.subplots(len(rows), top + 1, figsize=(CELL[0] * (top + 1) + 0.4, CELL[1] * len(rows) + 0.9),
+    fig, axes = plt.subplots(len(rows), top + 1, figsize=(CELL[0] * (top + 1) + 0.4, CELL[1] * len(rows) + 1.1),
                              squeeze=False, gridspec_kw={"wspace": 0.12, "hspace": 0.35})
     any_flags = False
     for axrow, row in zip(axes, rows):
@@ -76,13 +76,15 @@ def retrieval_rows(rows: list[dict], out_png: str | Path | None = None, title: s
     if any_flags:
         handles += [Patch(facecolor="white", edgecolor=CORRECT, linewidth=3, label="same identity (correct)"),
                     Patch(facecolor="white", edgecolor=WRONG, linewidth=3, label="other identity (wrong)")]
+    if any(r.get("correct") is None for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor=UNKNOWN, linewidth=3, label="match (identity unknown)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=11)
     height = fig.get_figheight()
+    if title:
+        fig.suptitle(title, fontsize=11, y=1 - 0.1 / height, va="top")
     has_captions = any(r.get("captions") or r.get("query_caption") for r in rows)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=(0.65 if has_captions else 0.4) / height,
-                        top=1 - (0.55 if title else 0.3) / height)
+                        top=1 - (0.75 if title else 0.3) / height)
     if out_png is not None:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, dpi=DPI, bbox_inches="tight")

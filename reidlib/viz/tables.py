@@ -30,6 +30,7 @@ METHOD_NAMES = {"baseline": "CLIP-ReID (baseline)", "proposed": "Proposed (deep 
 SHORT_NAMES = {"baseline": "Baseline", "proposed": "Proposed", "deep_only": "Deep only",
                "lora_only": "LoRA only"}
 METHOD_ORDER = ["baseline", "proposed", "deep_only", "lora_only"]
+DATASET_ORDER = ["market1501", "dukemtmc", "msmt17", "occ_duke", "iust"]  # the thesis table's first
 TESTED = ("rank1", "mAP")     # the metrics the thesis table compares
 ALPHA = 0.05                  # significance level of the '*' mark
 WILCOXON_MIN_PAIRS = 6        # with fewer pairs the exact two-sided p can never go below 0.05
@@ -50,6 +51,15 @@ def method_name(method: str) -> str:
 
 def _method_sort_key(method: str):
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def ordered_datasets(datasets) -> list[str]:
+    """The distinct data sets, in the thesis table's order, then the others by name."""
+    return sorted(set(datasets), key=_dataset_sort_key)
+
+
+def _dataset_sort_key(dataset: str):
+    return (DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER), dataset)
 
 
 # --------------------------------------------------------------------------- collecting runs
@@ -80,6 +90,8 @@ def collect_metrics(root: str | Path) -> pd.DataFrame:
 def _sort_key(col: pd.Series) -> pd.Series:
     if col.name == "method":
         return col.map(_method_sort_key)
+    if col.name == "dataset":
+        return col.map(_dataset_sort_key)
     return col
 
 
@@ -200,7 +212,7 @@ def comparison_table(summary: pd.DataFrame, method: str = "proposed", reference:
     """The thesis-style table: one row per dataset with the reference's and the method's Rank-1
     and mAP (mean ± std, %), the number of seeds of each, and the gains with their paired test."""
     rows = []
-    for dataset, group in summary.groupby("dataset", sort=True):
+    for dataset, group in summary.groupby("dataset", sort=False):  # summary rows are in table order
         ref = group[group["method"] == reference]
         new = group[group["method"] == method]
         if ref.empty or new.empty:
@@ -251,8 +263,8 @@ def summary_markdown(summary: pd.DataFrame, reference: str = "baseline",
         if table.empty:
             continue
         parts += [f"## {method_name(method)} vs {method_name(reference)}", "",
-                  f"Seeds: {SHORT_NAMES.get(reference, reference).lower()} / "
-                  f"{SHORT_NAMES.get(method, method).lower()} runs. Δ: gain in percentage points "
+                  f"Seeds: {SHORT_NAMES.get(reference, reference)} / "
+                  f"{SHORT_NAMES.get(method, method)} runs. Δ: gain in percentage points "
                   "± std of the per-seed gains (p: paired t-test across seeds).", "",
                   to_markdown(table), ""]
     parts += ["## All runs", "", to_markdown(methods_table(summary)), "", "## Notes", "", TEST_NOTE, ""]

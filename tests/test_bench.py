@@ -1,0 +1,36 @@
+"""The benchmarks run end to end (their figures come from a GPU or an idle machine, not from here)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_bench_tiny_prints_every_phase():
+    done = _run("bench/train_bench.py", "--tiny", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("method"))
+    assert "stage2_img_s" in header and "projected_min" in header
+    rows = [line.split() for line in lines if line.split()[:1] in (["baseline"], ["proposed"])]
+    assert [r[0] for r in rows] == ["baseline", "proposed"]
+    for row in rows:
+        rates = [float(x) for x in row[2:6]]  # cache, prompts/s, stage 2, inference
+        assert all(r > 0 for r in rates), row
+        assert float(row[-1]) > 0             # projected minutes
+
+
+def test_eval_bench_tiny_agrees_with_its_baseline():
+    done = _run("bench/eval_bench.py", "--tiny")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 3  # evaluate from features, from a distance matrix, re-ranking
+    for row in rows:
+        assert float(row[-1]) < 1e-4, row  # agreement with the bench's own baseline
