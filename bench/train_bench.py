@@ -34,10 +34,9 @@ from reidlib.data import load_dataset  # noqa: E402
 from reidlib.data.synth import generate_market  # noqa: E402
 from reidlib.engine.runtime import setup_runtime  # noqa: E402
 from reidlib.engine.stage1 import (cache_image_features, make_stage1_optimizer,  # noqa: E402
-                                   wrap_for_stage1)
+                                   stage1_step, wrap_for_stage1)
 from reidlib.engine.stage2 import (TrainBatches, make_image_cache, make_loss,  # noqa: E402
-                                   make_stage2_optimizer, wrap_for_stage2)
-from reidlib.losses import stage1_loss  # noqa: E402
+                                   make_stage2_optimizer, stage2_step, wrap_for_stage2)
 from reidlib.model import build_model, set_trainable  # noqa: E402
 
 MARKET = {"train_images": 12936, "ids": 751, "cams": 6, "query": 3368, "gallery": 15913}
@@ -82,12 +81,7 @@ def bench_stage1(model, cfg, runtime, dataset, cache, args) -> dict:
 
     def step():
         idx = torch.randint(0, len(feats), (batch,), device=feats.device)
-        with runtime.autocast():
-            text = step_module(labels[idx])
-        loss = stage1_loss(feats[idx], text.float(), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        stage1_step(step_module, optimizer, feats[idx], labels[idx], runtime)
 
     seconds = timed(step, runtime.device, args.warmup, args.steps)
     return {"stage1_cache_img_s": cache_rate, "stage1_prompts_s": batch / seconds}
@@ -111,12 +105,7 @@ def bench_stage2(model, cfg, runtime, dataset, cache, args) -> float:
             stream, epoch = batches.epoch(epoch), epoch + 1
             batch = next(stream)
         images, pids, _ = batch
-        with runtime.autocast():
-            out = module(images, labels=pids)
-        loss, _ = loss_fn(out["logits"], out["feats"], pids, out["f_proj"], text_feats)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        stage2_step(module, optimizer, loss_fn, text_feats, images, pids, None, runtime)
 
     seconds = timed(step, runtime.device, args.warmup, args.steps)
     return cfg.stage2.ims_per_batch / seconds

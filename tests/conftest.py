@@ -6,6 +6,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from the
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on a small, busy CPU, thread hand-offs cost more than they save."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small generated Market-1501-format folder (24 ids: 12 train, 12 test, 3 cameras)."""

@@ -1,8 +1,4 @@
 """Split attention, LoRA through peft: counts, zero init, merge, round trip, eval() purity."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import open_clip
 import pytest
 import torch
@@ -14,13 +10,7 @@ from reidlib.model import backbone
 from reidlib.model.lora import SplitAttention, lora_blocks, trainable_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a small, busy CPU, thread hand-offs cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(*overrides, lora=True):

@@ -19,13 +19,7 @@ from reidlib.model import backbone
 from reidlib.model.backbone import ReIDResNet, ReIDViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a small, busy CPU, thread hand-offs cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _openai_format(clip):

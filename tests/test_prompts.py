@@ -1,9 +1,5 @@
 """Prompt templates, the frozen text encoder, the EOT cut, deep prompts and their invariants."""
 import copy
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import open_clip
 import pytest
 import torch
@@ -15,13 +11,7 @@ from reidlib.model.prompts import build_prompt_learner
 SOS, EOT = 49406, 49407
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a small, busy CPU, thread hand-offs cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,17 @@ def stage1_lr_schedule(cfg):
                            min_lr=s.min_lr)
 
 
+def stage1_step(step_module, optimizer, feats, labels, runtime: Runtime) -> torch.Tensor:
+    """One prompt-learning step on cached image features; returns the detached loss."""
+    with runtime.autocast():
+        text = step_module(labels)
+    loss = stage1_loss(feats, text.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_stage1_epoch(model, step_module, optimizer, feats, labels, epoch: int, cfg,
                        runtime: Runtime) -> dict:
     """One epoch over the cached features; returns the epoch's mean loss and LR."""
@@ -93,13 +104,8 @@ def train_stage1_epoch(model, step_module, optimizer, feats, labels, epoch: int,
                disable=not runtime.is_main)
     for step, batch in enumerate(bar):
         local = batch[runtime.rank::runtime.world_size]  # each rank takes its share of the batch
-        with runtime.autocast():
-            text = step_module(labels[local])
-        loss = stage1_loss(feats[local], text.float(), labels[local])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
+        loss = stage1_step(step_module, optimizer, feats[local], labels[local], runtime)
+        loss_sum += loss
         if (step + 1) % cfg.stage1.log_period == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.time() - started

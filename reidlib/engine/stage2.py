@@ -114,6 +114,18 @@ def wrap_for_stage2(model, runtime: Runtime, compile_model: bool = False):
     return module
 
 
+def stage2_step(train_module, optimizer, loss_fn, text_feats, images, pids, cams,
+                runtime: Runtime):
+    """One P x K step; returns the detached total loss and its parts (no host sync)."""
+    with runtime.autocast():
+        out = train_module(images, labels=pids, cams=cams)
+    loss, parts = loss_fn(out["logits"], out["feats"], pids, out["f_proj"], text_feats)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), parts
+
+
 def train_stage2_epoch(model, train_module, optimizer, batches: TrainBatches, loss_fn, text_feats,
                        epoch: int, cfg, runtime: Runtime) -> dict:
     """One epoch of P x K batches; returns the epoch's mean losses, LR and throughput."""
@@ -128,14 +140,10 @@ def train_stage2_epoch(model, train_module, optimizer, batches: TrainBatches, lo
     bar = tqdm(batches.epoch(epoch), total=batches.num_batches(epoch), leave=False, disable=not runtime.is_main,
                desc=f"stage 2 epoch {epoch + 1}/{cfg.stage2.epochs}")
     for images, pids, camids in bar:
-        with runtime.autocast():
-            out = train_module(images, labels=pids, cams=camids if use_cams else None)
-        loss, parts = loss_fn(out["logits"], out["feats"], pids, out["f_proj"], text_feats)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, parts = stage2_step(train_module, optimizer, loss_fn, text_feats, images, pids,
+                                  camids if use_cams else None, runtime)
         for name, value in {"loss": loss, **parts}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float()
+            sums[name] = sums.get(name, 0) + value.float()
         steps += 1
         images_seen += len(images) * runtime.world_size
         if steps % cfg.stage2.log_period == 0:
