@@ -133,6 +133,16 @@ def test_resume_with_another_config_names_the_keys(synth_root, tmp_path):
         reidlib.train(changed)
 
 
+def test_a_trained_model_tests_under_any_config(tiny_trained, caplog):
+    cfg, out = tiny_trained
+    trained = json.loads((out / "metrics.json").read_text())
+    other = method_config("proposed", [f"data.root={cfg.data.root}", "device=cpu",
+                                       f"output_dir={out / 'other'}"], base="tiny")
+    metrics = reidlib.test(other, weights=str(out / "model_final.pt"))
+    assert metrics["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
+    assert "using the checkpoint's model settings" in caplog.text and "model.prompt" in caplog.text
+
+
 def _run_cli(*args, env_extra=None, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,

@@ -24,8 +24,9 @@ from ..config import Config, config_from_dict, to_dict
 from ..data import load_dataset
 from ..eval.extract import evaluate_model
 from ..model import build_model, parameter_table, set_trainable
-from .checkpoint import (RESUME_IGNORE, capture_rng_state, check_config_match, find_latest_checkpoint,
-                         load_checkpoint, restore_rng_state, save_checkpoint)
+from .checkpoint import (RESUME_IGNORE, capture_rng_state, check_config_match, config_diff,
+                         find_latest_checkpoint, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
 from .runtime import Runtime, seed_everything, setup_runtime
 from .stage1 import (cache_image_features, make_stage1_optimizer, train_stage1_epoch,
                      wrap_for_stage1)
@@ -202,16 +203,24 @@ def method_name(cfg: Config) -> str:
 def load_trained_model(path: str | Path, cfg: Config | None = None, device="cpu"):
     """Rebuild a trained model from ``model_final.pt`` or a checkpoint; returns (model, cfg).
 
-    The saved config is used unless ``cfg`` is given (then only data/test keys may differ)."""
+    The architecture, prompts, LoRA and the number of identities come from the checkpoint's own
+    config, so any data set can be tested with any trained model (no key-for-key match as in the
+    reference). Of ``cfg`` only the test-time choice ``model.neck_feat`` is used; other model keys
+    that differ from the checkpoint's are listed in a warning and ignored.
+    """
     state = load_checkpoint(path, map_location="cpu")
     saved = config_from_dict(state["config"])
+    model_cfg = saved.model
     if cfg is not None:
-        check_config_match(state["config"], to_dict(cfg),
-                           ignore=RESUME_IGNORE + ("data", "stage1", "stage2", "seed", "precision",
-                                                   "model.pretrained", "model.text_chunk"))
+        model_cfg = dataclasses.replace(model_cfg, neck_feat=cfg.model.neck_feat)
+        differ = config_diff({"model": state["config"]["model"]}, {"model": to_dict(cfg)["model"]},
+                             ignore=("model.pretrained", "model.neck_feat", "model.text_chunk", "model.lora.lr"))
+        if differ:
+            log.warning("%s: using the checkpoint's model settings, not the config's: %s", path,
+                        "; ".join(differ))
     # The checkpoint holds every weight: build without loading CLIP weights, with the activation
     # the trained model used (QuickGELU for OpenAI weights).
-    model_cfg = dataclasses.replace(saved.model if cfg is None else cfg.model, pretrained="none",
+    model_cfg = dataclasses.replace(model_cfg, pretrained="none",
                                     quick_gelu="true" if state["quick_gelu"] else "false")
     model = build_model(model_cfg, num_classes=state["num_classes"], num_cameras=state["num_cameras"])
     model.load_state_dict(state["model"])
