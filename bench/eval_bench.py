@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from reidlib.eval import compute_distance, evaluate, rerank
+from reidlib.eval import evaluate, rerank
 
 
 @dataclass

@@ -13,6 +13,7 @@ Under torchrun, ``torchrun --nproc_per_node N -m reidlib train ...`` trains with
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from .config import help_text, load_config
@@ -52,6 +53,19 @@ def _require(extra: dict, command: str, *keys: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input (a missing file, an unknown key, a bad value) ends in one line on
+    stderr and exit status 2 (REIDLIB_DEBUG=1 shows the traceback)."""
+    try:
+        return _main(argv)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
+        if os.environ.get("REIDLIB_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"reidlib: {type(err).__name__}: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

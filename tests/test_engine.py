@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reidlib
-from reidlib.config import load_config, method_config
+from reidlib.config import method_config
 from reidlib.data import load_dataset
 from reidlib.data.synth import generate_market
 from reidlib.engine import stage2 as stage2_module
@@ -163,9 +163,13 @@ def test_cli_train_then_test(synth_root, tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     done = _run_cli("reidlib", "train", "tiny", "stage2.epoch=3")
-    assert done.returncode != 0 and "did you mean 'stage2.epochs'" in done.stderr
+    assert done.returncode == 2 and "did you mean 'stage2.epochs'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     done = _run_cli("reidlib", "test", "tiny", f"weights={tmp_path / 'missing.pt'}")
-    assert done.returncode != 0 and "missing.pt" in done.stderr
+    assert done.returncode == 2 and "missing.pt" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = _run_cli("reidlib", "train", "tiny", f"data.root={tmp_path / 'nowhere'}")
+    assert done.returncode == 2 and "bounding_box_train" in done.stderr.strip().splitlines()[-1]
     done = _run_cli("reidlib", "--help")
     assert done.returncode == 0 and "stage2.eval_period" in done.stdout
 

@@ -248,7 +248,7 @@ def _nearest_neighbours(
 ) -> _Neighbours:
     """One pass over the N x N distances, a chunk of rows at a time: row maxima, nearest-neighbour
     lists, and the normalised query-by-gallery block written into ``result``."""
-    n, num_query = len(distance.x), len(result)
+    n = len(distance.x)
     exact = min(max(k1 + 1, k2), n)  # list prefix whose order must be exact
     keep = min(max(exact, _LOOKUP_FACTOR * (k1 + 1)), n)
     probe = min(keep + 1, n)  # one more, to see whether ties cross the end of the exact prefix
