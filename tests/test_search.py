@@ -91,3 +91,21 @@ def test_cli_extract_and_search(cfg, synth_root, tmp_path):
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == 3 and lines[0].split()[0] == "1"
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_flip_augmentation_averages_image_and_mirror(cfg, synth_root):
+    import copy
+
+    from reidlib.data import build_transforms, read_image
+    model, _ = load_trained_model(cfg.test.weights)
+    items = list_images(synth_root / "query")[:3]
+    flip_cfg = copy.deepcopy(cfg)
+    flip_cfg.test.flip = True
+    flipped, _, _ = extract_features(model, items, flip_cfg, progress=False)
+    plain, _, _ = extract_features(model, items, cfg, progress=False)
+    transform = build_transforms(cfg.data, cfg.model.image_size, train=False)
+    x = torch.stack([transform(read_image(p)) for p, _, _ in items])
+    with torch.no_grad():
+        expected = (model.encode_image(x) + model.encode_image(x.flip(-1))) / 2
+    assert torch.allclose(flipped, expected, atol=1e-5)
+    assert not torch.allclose(flipped, plain, atol=1e-4)
