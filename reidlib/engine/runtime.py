@@ -53,10 +53,6 @@ class Runtime:
         with open(self.output_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def close(self) -> None:
         """Leave the process group (torchrun runs) once every rank is done."""
         if self.distributed and dist.is_initialized():

@@ -24,8 +24,8 @@ from ..config import Config, config_from_dict, to_dict
 from ..data import load_dataset
 from ..eval.extract import evaluate_model
 from ..model import build_model, parameter_table, set_trainable
-from .checkpoint import (RESUME_IGNORE, capture_rng_state, check_config_match, config_diff,
-                         find_latest_checkpoint, load_checkpoint, restore_rng_state,
+from .checkpoint import (RESUME_IGNORE, capture_rng_state, check_config_match, checkpoint_name,
+                         config_diff, find_latest_checkpoint, load_checkpoint, restore_rng_state,
                          save_checkpoint)
 from .runtime import Runtime, seed_everything, setup_runtime
 from .stage1 import (cache_image_features, make_stage1_optimizer, train_stage1_epoch,
@@ -35,16 +35,12 @@ from .stage2 import (TrainBatches, make_image_cache, make_loss, make_stage2_opti
 
 log = logging.getLogger("reidlib")
 
-def _checkpoint_path(runtime: Runtime, stage: int, epoch: int) -> Path:
-    return runtime.output_dir / f"checkpoint_stage{stage}_e{epoch:03d}.pt"
-
-
 def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epoch: int,
                 dataset) -> None:
     """Resumable state after ``epoch`` completed epochs of ``stage``; older ones are removed."""
     if not runtime.is_main:
         return
-    path = _checkpoint_path(runtime, stage, epoch)
+    path = runtime.output_dir / checkpoint_name(stage, epoch)
     save_checkpoint(path, {
         "stage": stage, "epoch": epoch, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": {"epoch": epoch},
