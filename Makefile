@@ -1,42 +1,57 @@
 # Two commands do all set-up: `make demo` and `make test` each create .venv when it is missing.
 #
 #   make demo              generated data set -> baseline vs proposed training -> results/demo/
-#   make test              the test suite (CPU, no network)
+#   make test              lint (ruff), then the test suite and reidlib's doctests (CPU, no network)
 #   make TORCH=system ...  keep the torch/torchvision of $(PYTHON) (e.g. a GPU box's CUDA build):
 #                          the venv then sees the system site-packages and torch is not reinstalled.
+#   make lock              rewrite requirements.lock after editing constraints.txt or pyproject.toml
+#                          (LOCK_ARGS=--upgrade moves every package to its newest allowed release)
 #
-# Versions are pinned in one place, constraints.txt (pyproject.toml keeps ranges).
+# Versions: people pin in constraints.txt (pyproject.toml keeps ranges); requirements.lock, made from
+# both by `make lock`, pins every package exactly, and the install takes every version from it.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= pinned
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reidlib-installed
+LOCK := requirements.lock
+# The command that writes requirements.lock; the lock's header repeats it (tests/test_packaging.py checks).
+LOCK_CMD := uv pip compile pyproject.toml --extra dev -c constraints.txt --universal --python-version 3.11 -o requirements.lock
+LOCK_ARGS ?=
+# The lock's packages that only torch/torchvision need: TORCH=system keeps the system's own.
+TORCH_ONLY := torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|sympy|mpmath|networkx|setuptools
 DEMO_ARGS ?=
 
-.PHONY: demo test install bench clean-demo
+.PHONY: demo test install lock bench clean-demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	@echo "setting up $(VENV) (first time: a few minutes, mostly torch)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(if $(filter system,$(TORCH)),--system-site-packages) $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/python -m pip install -q --upgrade -c constraints.txt pip uv
 ifeq ($(TORCH),system)
-	grep -v -E '^(torch|torchvision)==' constraints.txt > $(VENV)/constraints-system-torch.txt
-	$(BIN)/uv pip install -q --python $(BIN)/python -c $(VENV)/constraints-system-torch.txt -e '.[dev]'
+	grep -v -E '^($(TORCH_ONLY))==' $(LOCK) > $(VENV)/requirements-system-torch.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python -c $(VENV)/requirements-system-torch.lock -e '.[dev]'
 else
 	# pip, not uv, for the matched torch pair: pip also finds wheels in the machine's local wheel folders.
-	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
-	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -c $(LOCK) torch torchvision
+	$(BIN)/uv pip install -q --python $(BIN)/python -c $(LOCK) -e '.[dev]'
 endif
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	@touch $@
+
+lock:
+	@test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+		$(BIN)/python -m pip install -q --upgrade -c constraints.txt pip uv; }
+	$(BIN)/$(LOCK_CMD) -q $(LOCK_ARGS)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m reidlib demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check reidlib tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

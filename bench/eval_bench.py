@@ -28,13 +28,17 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from reidlib.eval import evaluate, rerank
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.reference import dense_rerank, plain_euclidean  # noqa: E402
+from reidlib.eval import evaluate, rerank  # noqa: E402
 
 
 @dataclass
@@ -167,59 +171,6 @@ def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
             "mINP": float(np.mean(inps))}
 
 
-def dense_rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
-    """The published k-reciprocal re-ranking (Zhong et al., CVPR 2017), dense N x N, with a stable
-    argsort so ties break by index. Inputs are plain Euclidean distances (it squares them)."""
-    original = np.concatenate(
-        [np.concatenate([q_q_dist, q_g_dist], axis=1), np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0
-    )
-    original = np.power(original, 2).astype(np.float32)
-    original = np.transpose(1.0 * original / np.max(original, axis=0))
-    V = np.zeros_like(original).astype(np.float32)
-    initial_rank = np.argsort(original, kind="stable").astype(np.int32)
-    query_num, all_num = q_g_dist.shape[0], original.shape[0]
-    half = int(np.around(k1 / 2.0)) + 1
-    for i in range(all_num):
-        forward = initial_rank[i, : k1 + 1]
-        k_reciprocal = forward[np.where(initial_rank[forward, : k1 + 1] == i)[0]]
-        expansion = k_reciprocal
-        for candidate in k_reciprocal:
-            c_forward = initial_rank[candidate, :half]
-            c_reciprocal = c_forward[np.where(initial_rank[c_forward, :half] == candidate)[0]]
-            if len(np.intersect1d(c_reciprocal, k_reciprocal)) > 2.0 / 3 * len(c_reciprocal):
-                expansion = np.append(expansion, c_reciprocal)
-        expansion = np.unique(expansion)
-        weight = np.exp(-original[i, expansion])
-        V[i, expansion] = 1.0 * weight / np.sum(weight)
-    original = original[:query_num]
-    if k2 != 1:
-        V_qe = np.zeros_like(V, dtype=np.float32)
-        for i in range(all_num):
-            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-        V = V_qe
-        del V_qe
-    del initial_rank
-    inverted = [np.where(V[:, i] != 0)[0] for i in range(all_num)]
-    jaccard = np.zeros_like(original, dtype=np.float32)
-    for i in range(query_num):
-        temp_min = np.zeros(shape=[1, all_num], dtype=np.float32)
-        for k in np.where(V[i, :] != 0)[0]:
-            rows = inverted[k]
-            temp_min[0, rows] = temp_min[0, rows] + np.minimum(V[i, k], V[rows, k])
-        jaccard[i] = 1 - temp_min / (2.0 - temp_min)
-    return (jaccard * (1 - lambda_value) + original * lambda_value)[:query_num, query_num:]
-
-
-def plain_euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)
-    return np.sqrt(np.maximum(sq, 0))
-
-
-# --------------------------------------------------------------------------------------------
-# The runs
-# --------------------------------------------------------------------------------------------
-
-
 def metric_gap(a: dict, b: dict) -> float:
     """Largest difference between two metric dicts (rank-1, mAP, mINP and the CMC curve)."""
     gaps = [abs(a[k] - b[k]) for k in ("rank1", "mAP", "mINP")]
@@ -262,7 +213,7 @@ def bench_size(size: Size, args, rows: list) -> None:
         row_f.update(base=t_dist.seconds + t_loop.seconds, agree=f"{gap_f:.0e}")
         row_d.update(base=t_loop.seconds, agree=f"{gap_d:.0e}")
     rows += [row_f, row_d]
-    del distmat
+    distmat = None  # free the Q x G block before re-ranking (the lambdas above hold it otherwise)
 
     if size.name != "msmt" and not args.skip_rerank:
         bench_rerank(size, qf, gf, labels, label, args, rows)

@@ -30,14 +30,16 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reidlib  # noqa: E402
-from reidlib.data import load_dataset  # noqa: E402
+from reidlib.data import (  # noqa: E402
+    TrainBatches,
+    load_dataset,  # noqa: E402
+    make_image_cache,
+)
 from reidlib.data.synth import generate_market  # noqa: E402
-from reidlib.engine.runtime import setup_runtime  # noqa: E402
-from reidlib.engine.stage1 import (cache_image_features, make_stage1_optimizer,  # noqa: E402
-                                   stage1_step, wrap_for_stage1)
-from reidlib.engine.stage2 import (TrainBatches, make_image_cache, make_loss,  # noqa: E402
-                                   make_stage2_optimizer, stage2_step, wrap_for_stage2)
+from reidlib.engine.stage1 import cache_image_features, make_stage1_optimizer, stage1_step, wrap_for_stage1  # noqa: E402
+from reidlib.engine.stage2 import make_loss, make_stage2_optimizer, stage2_step, wrap_for_stage2  # noqa: E402
 from reidlib.model import build_model, set_trainable  # noqa: E402
+from reidlib.runtime import setup_runtime  # noqa: E402
 
 MARKET = {"train_images": 12936, "ids": 751, "cams": 6, "query": 3368, "gallery": 15913}
 

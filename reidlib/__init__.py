@@ -28,9 +28,12 @@ def __getattr__(name):
     if name == "load_dataset":
         from .data import load_dataset
         return load_dataset
-    if name in ("train", "test", "load_trained_model"):
+    if name in ("train", "test"):
         from .engine import trainer
         return getattr(trainer, name)
+    if name == "load_trained_model":
+        from .model.io import load_trained_model
+        return load_trained_model
     if name in ("evaluate", "rerank"):
         from . import eval as evaluation
         return getattr(evaluation, name)

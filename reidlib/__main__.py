@@ -96,11 +96,11 @@ def _main(argv: list[str] | None = None) -> int:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k != "cmc"})
     elif command == "extract":
         _require(extra, command, "images", "out")
-        from .eval.search import extract_folder
+        from .search import extract_folder
         extract_folder(cfg, extra["images"], extra["out"])
     elif command == "search":
         _require(extra, command, "query", "gallery")
-        from .eval.search import search
+        from .search import search
         search(cfg, extra["query"], extra["gallery"], top=int(extra.get("top", 10)),
                grid=extra.get("grid", "retrieval.png"))
     return 0

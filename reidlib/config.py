@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import fnmatch
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -157,6 +158,20 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 BASE_OWNED_KEYS = ("model.name", "model.pretrained", "model.lora.lr")
 
 
+def method_of(cfg: Config) -> str:
+    """The method a config trains (baseline | proposed | deep_only | lora_only), read off its
+    model settings: deep prompts or not, LoRA or not."""
+    deep = cfg.model.prompt == "deep"
+    lora = cfg.model.lora.enabled
+    return {(False, False): "baseline", (True, True): "proposed",
+            (True, False): "deep_only", (False, True): "lora_only"}[(deep, lora)]
+
+
+def run_dir(results_root: str | Path, dataset: str, method: str, seed: int) -> Path:
+    """The folder of one run of a sweep: ``results_root/<dataset>/<method>/seed<k>``."""
+    return Path(results_root) / dataset / method / f"seed{seed}"
+
+
 def method_config(method: str, overrides: list[str] | None = None, base: str | None = None) -> Config:
     """The config of a named method (``baseline | proposed | deep_only | lora_only``).
 
@@ -179,6 +194,53 @@ def method_config(method: str, overrides: list[str] | None = None, base: str | N
 def to_dict(cfg) -> dict:
     """Plain nested dict of a config (what is saved next to results and in checkpoints)."""
     return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested config dict; only config sections are opened, other values are leaves.
+
+    >>> flatten({"seed": 1, "model": {"lora": {"r": 16}, "prompt": "deep"}})
+    {'seed': 1, 'model.lora.r': 16, 'model.prompt': 'deep'}
+    """
+    flat = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        section = name in {f.name for f in fields(Config)} or name == "model.lora"
+        if isinstance(v, dict) and section:
+            flat.update(flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def _ignored(key: str, ignore) -> bool:
+    """Exact key, any key under it ("test" covers "test.k1"), or an fnmatch pattern."""
+    return any(key == p or key.startswith(p + ".") or fnmatch.fnmatchcase(key, p) for p in ignore)
+
+
+def _same(a, b) -> bool:
+    # a config saved with tuples must equal one loaded from YAML with lists
+    as_list = lambda v: [as_list(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return as_list(a) == as_list(b)
+
+
+_ABSENT = object()
+
+
+def config_diff(saved: dict, current: dict, ignore=()) -> list[str]:
+    """Dotted keys whose values differ, as ``"key: <saved> (checkpoint) != <current> (current)"``.
+
+    >>> config_diff({"stage1": {"lr": 1, "epochs": 2}}, {"stage1": {"lr": 1, "epochs": 3}, "seed": 0})
+    ['seed: <absent> (checkpoint) != 0 (current)', 'stage1.epochs: 2 (checkpoint) != 3 (current)']
+    """
+    a, b = flatten(saved), flatten(current)
+    show = lambda v: "<absent>" if v is _ABSENT else repr(v)  # noqa: E731
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if not _ignored(key, ignore) and (va is _ABSENT or vb is _ABSENT or not _same(va, vb)):
+            out.append(f"{key}: {show(va)} (checkpoint) != {show(vb)} (current)")
+    return out
 
 
 def all_keys(cls=Config, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
@@ -263,18 +325,6 @@ def _set(cfg, dotted: str, value: Any, where: str) -> None:
     setattr(node, leaf, _coerce(value, typ, dotted))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        section = name in {f.name for f in fields(Config)} or name == "model.lora"
-        if isinstance(v, dict) and section:
-            flat.update(_flatten(v, name + "."))
-        else:
-            flat[name] = v
-    return flat
-
-
 def resolve_config_path(name: str | Path) -> Path:
     """A path as given, or a shipped config by name (with or without .yaml)."""
     path = Path(name)
@@ -294,7 +344,7 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> dict[str, Any]:
         tree = yaml.safe_load(fh) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"config {path}: expected a mapping of keys, got {type(tree).__name__}")
-    flat = _flatten(tree)
+    flat = flatten(tree)
     base = flat.pop("base", "")
     merged = _read_yaml_chain(resolve_config_path(base), seen + (path,)) if base else {}
     merged.update({k: (v, str(path)) for k, v in flat.items()})
@@ -326,7 +376,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. the one stored in a checkpoint)."""
     cfg = Config()
-    for key, value in _flatten(tree).items():
+    for key, value in flatten(tree).items():
         _set(cfg, key, value, "a saved config")
     return cfg
 

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from .sweep import ATTENTION_NOTEBOOK, error_message, execute_notebook, run_dir, run_sweep
+from .config import run_dir
+from .sweep import ATTENTION_NOTEBOOK, error_message, execute_notebook, run_sweep
 
 # On top of the tiny config (whose epochs and LRs are sized for this demo): every other stage-2
 # epoch is evaluated, so the training curves show the test metrics over time.

@@ -39,7 +39,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+from .config import METHODS, method_config, run_dir
+
+# Shipped inside the package (``notebooks/`` at the top of a clone links here), so an installed
+# reidlib runs the sweep and the demo without a clone.
+NOTEBOOK_DIR = Path(__file__).resolve().parent / "notebooks"
 TRAIN_NOTEBOOK = NOTEBOOK_DIR / "train_eval.ipynb"
 COMPARE_NOTEBOOK = NOTEBOOK_DIR / "compare.ipynb"
 ATTENTION_NOTEBOOK = NOTEBOOK_DIR / "attention.ipynb"
@@ -47,11 +51,6 @@ FAILURE_LOG = "sweep_failures.log"
 
 
 # --------------------------------------------------------------------------- one run
-
-def run_dir(results_root: str | Path, dataset: str, method: str, seed: int) -> Path:
-    """The folder of one run: ``results_root/<dataset>/<method>/seed<k>``."""
-    return Path(results_root) / dataset / method / f"seed{seed}"
-
 
 def run_config(dataset: str, method: str, seed: int, data_root: str | None = None,
                overrides: list[str] | None = None, base_config: str | None = None,
@@ -63,7 +62,6 @@ def run_config(dataset: str, method: str, seed: int, data_root: str | None = Non
     of them. ``base_config=None`` gives the method's real ViT-B/16 config, ``"tiny"`` the small
     random-init model for CPU tests and the demo.
     """
-    from .config import method_config
     keys = [f"data.dataset={dataset}", f"seed={seed}", f"device={device}",
             f"output_dir={output_dir or run_dir(results_root, dataset, method, seed)}"]
     if data_root:
@@ -303,7 +301,6 @@ def parse_data_roots(values: list[str] | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import METHODS
     parser = argparse.ArgumentParser(
         prog="python -m reidlib sweep",
         description="Run notebooks/train_eval.ipynb with papermill for every data set x method x seed "
@@ -313,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"any of {', '.join(METHODS)} (default: baseline proposed)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
     parser.add_argument("--data-root", nargs="+", metavar="DIR|NAME=DIR",
-                        help="data folder for all data sets, or NAME=DIR per data set (default: the config's data.root)")
+                        help="data folder for all data sets, or NAME=DIR per data set "
+                             "(default: the config's data.root)")
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--base", default=None,
                         help="config replacing the methods' ViT-B/16 YAML, e.g. tiny (CPU); default: none")
@@ -333,7 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import METHODS
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")

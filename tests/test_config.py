@@ -1,8 +1,7 @@
 """Typed config: YAML chain, overrides, did-you-mean errors, round trip through a dict."""
 import pytest
 
-from reidlib.config import (Config, all_keys, config_from_dict, help_text, load_config,
-                            method_config, to_dict)
+from reidlib.config import Config, all_keys, config_from_dict, help_text, load_config, method_config, to_dict
 
 
 def test_defaults_are_the_reference_values():

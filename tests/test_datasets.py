@@ -10,8 +10,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from reidlib.data import (ImageDataset, TrainImageCache, UnreadableImageError, dataset_names,
-                          load_dataset, read_image)
+from reidlib.data import ImageDataset, TrainImageCache, UnreadableImageError, dataset_names, load_dataset, read_image
 
 # A tiny Market-style set: train pids 7 and 3 (relabelled 3->0, 7->1), a distractor (0) and junk (-1).
 TRAIN = ["0007_c1s1_000001_01.jpg", "0007_c2s1_000002_01.jpg", "0003_c3s1_000003_01.jpg",

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from reidlib.config import load_config
-from reidlib.model import ReIDModel, apply_lora, build_model, merge_lora
-from reidlib.model import backbone
-from reidlib.model.lora import SplitAttention, lora_blocks, trainable_parameters
-
+from reidlib.model import ReIDModel, apply_lora, backbone, build_model, merge_lora
+from reidlib.model.attention import SplitAttention
+from reidlib.model.lora import lora_blocks
+from reidlib.model.trainable import trainable_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +51,53 @@ def test_split_attention_equals_multihead_attention(causal):
         assert torch.allclose(split(x, x, x, need_weights=False, attn_mask=mask)[0], expected, atol=1e-6)
     fused = torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight])
     assert torch.equal(fused, mha.in_proj_weight)                 # split exactly, no re-init
+
+
+def _open_clip_attention(**kwargs):
+    """open_clip's own ``Attention`` module: what open_clip 4.x's ViT blocks hold (3.x has it too)."""
+    from open_clip.transformer import Attention
+    torch.manual_seed(1)
+    attn = Attention(64, num_heads=4, **kwargs)
+    nn.init.normal_(attn.in_proj_bias)
+    nn.init.normal_(attn.out_proj.bias)
+    return attn
+
+
+def test_split_attention_equals_open_clip_attention():
+    attn = _open_clip_attention()
+    split = SplitAttention(attn)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        expected = attn(x)
+        # open_clip 4.x's block calls attn(q_x, k_x=q_x, v_x=q_x, attn_mask=...) and uses the tensor
+        out = split(x, k_x=x, v_x=x, attn_mask=None)
+    assert isinstance(out, torch.Tensor) and torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight]),
+                       attn.in_proj_weight)
+
+
+def test_split_attention_refuses_what_it_cannot_split():
+    with pytest.raises(TypeError, match="cannot split .*Attention"):
+        SplitAttention(_open_clip_attention(scaled_cosine=True))     # not plain softmax attention
+    with pytest.raises(TypeError, match="cannot split .*Linear"):
+        SplitAttention(nn.Linear(4, 4))
+    split = SplitAttention(_open_clip_attention())
+    x = torch.randn(1, 3, 64)
+    with pytest.raises(ValueError, match="self-attention only"):
+        split(x, k_x=torch.randn(1, 3, 64))
+
+
+def test_lora_fails_when_a_target_is_missing(monkeypatch):
+    """Were the attention left fused (e.g. an open_clip whose blocks reidlib cannot split), LoRA's
+    q/k/v/out targets would not exist: apply_lora must say so instead of adapting fewer modules."""
+    monkeypatch.setattr(backbone, "split_attention", lambda block: None)
+    fused = open_clip.create_model("vit-tiny8").visual.transformer.resblocks[0].attn
+    # q, k, v of 3 blocks; out too under open_clip 3.x, whose nn.MultiheadAttention never calls out_proj
+    missing = 12 if isinstance(fused, nn.MultiheadAttention) else 9
+    message = rf"model.lora.targets: {missing} target module\(s\) missing .*resblocks.0.attn.q_proj"
+    with pytest.raises(ValueError, match=message):
+        _tiny()
+    _tiny("model.lora.targets=[mlp]")     # the MLP Linears exist either way
 
 
 # --------------------------------------------------------------------------- counts and layout

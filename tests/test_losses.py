@@ -4,9 +4,15 @@ import math
 import pytest
 import torch
 
-from reidlib.losses import (Stage2Loss, cross_entropy_ls, euclidean_dist, i2t_logits, stage1_loss,
-                            supcon_loss, triplet_hard)
-
+from reidlib.losses import (
+    Stage2Loss,
+    cross_entropy_ls,
+    euclidean_dist,
+    i2t_logits,
+    stage1_loss,
+    supcon_loss,
+    triplet_hard,
+)
 
 # --------------------------------------------------------------------------- SupCon
 

@@ -14,10 +14,8 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from reidlib.config import load_config
-from reidlib.model import ReIDModel, load_clip, resize_grid_embedding
-from reidlib.model import backbone
+from reidlib.model import ReIDModel, backbone, load_clip, resize_grid_embedding
 from reidlib.model.backbone import ReIDResNet, ReIDViT
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

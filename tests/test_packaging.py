@@ -1,15 +1,20 @@
-"""The install recipe: pyproject and environment.yml declare the same packages, pins live in one file."""
+"""The install recipe: pyproject, constraints.txt, requirements.lock, environment.yml and the Makefile agree."""
 import re
 import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements.lock"
+INSTALLERS = {"pip", "uv"}  # pinned in constraints.txt for the venv's bootstrap, not dependencies
 
 
 def _name(requirement: str) -> str:
-    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+    return canonicalize_name(re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0])
 
 
 def _pyproject_requirements() -> dict[str, str]:
@@ -18,10 +23,45 @@ def _pyproject_requirements() -> dict[str, str]:
     return {_name(r): r.replace(" ", "") for r in reqs}
 
 
-def _conda_requirements() -> dict[str, str]:
+def _conda_pip_list() -> list[str]:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    return {_name(r): r.replace(" ", "") for r in pip_list}
+    return next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+
+
+def _conda_requirements() -> dict[str, str]:
+    return {_name(r): r.replace(" ", "") for r in _conda_pip_list() if not r.startswith("-")}
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[_name(name)] = version
+    return pins
+
+
+def _lock_entries() -> list[tuple[str, str, str | None]]:
+    """(name, version, marker or None) for each requirement line of requirements.lock."""
+    entries = []
+    for line in LOCK.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)(?:\s*;\s*(.+))?", line.strip())
+        assert m, f"requirements.lock: not an exact pin: {line!r}"
+        entries.append((canonicalize_name(m.group(1)), m.group(2), m.group(3)))
+    return entries
+
+
+def _lock_versions(name: str) -> set[str]:
+    return {v for n, v, _ in _lock_entries() if n == name}
+
+
+def _makefile_var(name: str) -> str:
+    m = re.search(rf"^{name}\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert m, f"Makefile sets no {name}"
+    return m.group(1).strip()
 
 
 def test_environment_yml_matches_pyproject():
@@ -31,23 +71,125 @@ def test_environment_yml_matches_pyproject():
 def test_required_packages_declared():
     names = set(_pyproject_requirements())
     for pkg in ["torch", "open-clip-torch", "peft", "papermill", "ipykernel", "jupyterlab",
-                "matplotlib", "pandas", "seaborn", "tqdm", "pyyaml", "pytest"]:
+                "matplotlib", "pandas", "seaborn", "tqdm", "pyyaml", "pytest", "ruff"]:
         assert pkg in names, pkg
 
 
 def test_pins_satisfy_pyproject_ranges():
-    """Every exact pin in constraints.txt names a declared package (one place for versions)."""
-    pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[_name(name)] = version
+    """constraints.txt pins declared packages (and the installers), the torch pair among them."""
+    pins = _constraints()
     assert {"torch", "torchvision", "open-clip-torch"} <= set(pins)
-    assert set(pins) <= set(_pyproject_requirements())
+    assert set(pins) <= set(_pyproject_requirements()) | INSTALLERS
+    for name, req in _pyproject_requirements().items():
+        if name in pins:
+            assert Requirement(req).specifier.contains(pins[name], prereleases=True), (req, pins[name])
+
+
+def test_lock_pins_every_declared_package_within_its_range():
+    entries = _lock_entries()
+    assert len({n for n, _, _ in entries}) > 50  # the whole closure, not only what pyproject names
+    for name, req in _pyproject_requirements().items():
+        versions = _lock_versions(name)
+        assert versions, f"{name} is declared in pyproject.toml but not pinned in requirements.lock: run make lock"
+        for version in versions:
+            assert Requirement(req).specifier.contains(version, prereleases=True), (req, version)
+
+
+def test_lock_has_one_version_per_package_and_environment():
+    """Where the lock forks a package by Python version or platform, its markers do not overlap here."""
+    seen: dict[str, str] = {}
+    for name, version, marker in _lock_entries():
+        if marker is None or Marker(marker).evaluate():
+            assert name not in seen, f"{name}: {seen[name]} and {version} both apply"
+            seen[name] = version
+    assert {"torch", "torchvision", "pytest", "ruff"} <= set(seen)
+
+
+def test_lock_agrees_with_constraints():
+    """The pins people edit (constraints.txt) are the lock's versions: torch 2.14.1 + torchvision 0.29.1."""
+    for name, version in _constraints().items():
+        if name not in INSTALLERS:
+            assert _lock_versions(name) == {version}, (name, version, _lock_versions(name))
+    assert _lock_versions("torch") == {"2.14.1"} and _lock_versions("torchvision") == {"0.29.1"}
+
+
+def test_lock_header_is_make_lock():
+    """The lock's header names the command that wrote it; `make lock` runs that command."""
+    header = LOCK.read_text().splitlines()[:2]
+    assert header[0] == "# This file was autogenerated by uv via the following command:"
+    assert header[1].removeprefix("#").strip() == _makefile_var("LOCK_CMD")
+    assert re.search(r"^lock:.*\n(\t.*\n)*\t\$\(BIN\)/\$\(LOCK_CMD\)", (ROOT / "Makefile").read_text(), re.M)
+
+
+def test_makefile_installs_from_the_lock():
+    text = (ROOT / "Makefile").read_text()
+    assert _makefile_var("LOCK") == "requirements.lock"
+    stamp_rule = re.search(r"^\$\(STAMP\):(.*)$", text, re.M)
+    assert stamp_rule and "$(LOCK)" in stamp_rule.group(1).split(), "a changed lock must reinstall"
+    recipe = text[stamp_rule.end():text.index("\n\n", stamp_rule.end())]
+    # pip (which finds the machine's local wheels) takes the torch pair under the lock's pins ...
+    assert re.search(r"pip install .*-c \$\(LOCK\) torch torchvision", recipe)
+    # ... uv the rest, under the lock, or the lock less torch's packages with TORCH=system.
+    assert re.search(r"uv pip install .*-c \$\(LOCK\) -e '\.\[dev\]'", recipe)
+    assert re.search(r"grep -v -E '\^\(\$\(TORCH_ONLY\)\)==' \$\(LOCK\) > \$\(VENV\)/(\S+)", recipe)
+    system_lock = re.search(r"> \$\(VENV\)/(\S+)", recipe).group(1)
+    assert re.search(rf"uv pip install .*-c \$\(VENV\)/{re.escape(system_lock)} -e '\.\[dev\]'", recipe)
+
+
+def test_system_torch_drops_exactly_the_packages_only_torch_needs():
+    """TORCH=system keeps the system's torch: the lock's pins of torch, torchvision and of what only they
+    pull in (CUDA libraries, triton, sympy...) are dropped, and nothing else (read from the lock's `# via`)."""
+    parents: dict[str, set[str]] = {}
+    current = None
+    for line in LOCK.read_text().splitlines():
+        if m := re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==", line):
+            current = canonicalize_name(m.group(1))
+            parents.setdefault(current, set())
+        elif current and line.startswith("    #"):
+            via = line.strip("# ").removeprefix("via").strip()
+            if via:
+                parents[current].add(via.split()[0])
+    children: dict[str, set[str]] = {}
+    for child, ps in parents.items():
+        for p in ps:
+            children.setdefault(p, set()).add(child)
+    torch_pair = {"torch", "torchvision"}
+    stack = [c for c in children["reidlib"] if c not in torch_pair]
+    needed_without_torch = set()
+    while stack:
+        name = stack.pop()
+        if name not in needed_without_torch:
+            needed_without_torch.add(name)
+            stack += [c for c in children.get(name, ()) if c not in torch_pair]
+    torch_only = set(parents) - needed_without_torch
+    assert torch_pair <= torch_only and "numpy" not in torch_only
+    pattern = re.compile(f"({_makefile_var('TORCH_ONLY')})")
+    dropped = {name for name in parents if pattern.fullmatch(name)}
+    assert dropped == torch_only
+
+
+def test_environment_yml_installs_the_lock_versions():
+    """conda hands the pip list to pip as a requirements file beside environment.yml: `-c requirements.lock`
+    there holds every package to the lock's version; any version written in the list itself agrees."""
+    pip_list = _conda_pip_list()
+    assert "-c requirements.lock" in pip_list
+    assert (ROOT / "environment.yml").parent == LOCK.parent
+    for req in _conda_requirements().values():
+        r = Requirement(req)
+        for version in _lock_versions(canonicalize_name(r.name)):
+            assert r.specifier.contains(version, prereleases=True), (req, version)
 
 
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme and "make demo" in readme
+
+
+def test_make_test_lints_and_runs_doctests():
+    text = (ROOT / "Makefile").read_text()
+    recipe = text[text.index("\ntest:"):]
+    recipe = recipe[:recipe.index("\n\n")]
+    assert "$(BIN)/ruff check reidlib tests bench" in recipe
+    pytest_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "reidlib" in pytest_cfg["testpaths"] and "--doctest-modules" in pytest_cfg["addopts"].split()

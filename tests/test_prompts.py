@@ -1,5 +1,6 @@
 """Prompt templates, the frozen text encoder, the EOT cut, deep prompts and their invariants."""
 import copy
+
 import open_clip
 import pytest
 import torch
@@ -53,7 +54,8 @@ def test_clipreid_template_tokens():
     learner = PromptLearner(num_classes=3, width=64)
     assert learner.template == "A photo of a X X X X person."
     x = _token("X")
-    expected = [SOS, _token("a"), _token("photo"), _token("of"), _token("a"), x, x, x, x, _token("person"), _token("."), EOT]
+    expected = [SOS, _token("a"), _token("photo"), _token("of"), _token("a"), x, x, x, x,
+                _token("person"), _token("."), EOT]
     assert learner.tokens[0].tolist() == expected
     assert learner.start == 5 and learner.eot == 11                    # slots 5-8, EOT at 11
     assert learner.per_id.shape == (3, 4, 64) and learner.shared is None

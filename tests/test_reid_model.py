@@ -150,7 +150,8 @@ def _openai_vit_b16_state_dict():
     for prefix, width in (("visual.transformer", 768), ("transformer", 512)):
         for i in range(12):
             block = f"{prefix}.resblocks.{i}"
-            shapes.update({f"{block}.attn.in_proj_weight": (3 * width, width), f"{block}.attn.in_proj_bias": (3 * width,),
+            shapes.update({f"{block}.attn.in_proj_weight": (3 * width, width),
+                           f"{block}.attn.in_proj_bias": (3 * width,),
                            f"{block}.attn.out_proj.weight": (width, width), f"{block}.attn.out_proj.bias": (width,),
                            f"{block}.mlp.c_fc.weight": (4 * width, width), f"{block}.mlp.c_fc.bias": (4 * width,),
                            f"{block}.mlp.c_proj.weight": (width, 4 * width), f"{block}.mlp.c_proj.bias": (width,)})
@@ -159,7 +160,8 @@ def _openai_vit_b16_state_dict():
     sd = {k: torch.empty(s, dtype=torch.float16).normal_(0, 0.02, generator=generator) for k, s in shapes.items()}
     for norm in norms:
         width = 512 if norm == "ln_final" or norm.startswith("transformer") else 768
-        sd[f"{norm}.weight"], sd[f"{norm}.bias"] = torch.ones(width, dtype=torch.float16), torch.zeros(width, dtype=torch.float16)
+        sd[f"{norm}.weight"] = torch.ones(width, dtype=torch.float16)
+        sd[f"{norm}.bias"] = torch.zeros(width, dtype=torch.float16)
     sd.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     return sd
 

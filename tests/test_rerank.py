@@ -1,72 +1,23 @@
 """Tests for reidlib.eval.rerank against a dense transcription of the published algorithm."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from reidlib.eval import rerank
-from reidlib.eval.rerank import estimate_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench/
+from bench.reference import dense_rerank, plain_euclidean  # noqa: E402
+from reidlib.eval import rerank  # noqa: E402
+from reidlib.eval.rerank import estimate_memory  # noqa: E402
 
 # ``reidlib.eval.rerank`` the attribute is the function; the module is reached through sys.modules.
 rerank_module = sys.modules["reidlib.eval.rerank"]
 
 
-def dense_rerank(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3):
-    """Zhong et al. (CVPR 2017), transcribed from the published ``re_ranking`` (dense N x N).
-
-    One change: ``argsort(kind="stable")`` so that ties break by index, as in the library.
-    Inputs are plain (not squared) Euclidean distances; the function squares them.
-    """
-    original = np.concatenate(
-        [np.concatenate([q_q_dist, q_g_dist], axis=1), np.concatenate([q_g_dist.T, g_g_dist], axis=1)], axis=0
-    )
-    original = np.power(original, 2).astype(np.float32)
-    original = np.transpose(1.0 * original / np.max(original, axis=0))
-    V = np.zeros_like(original).astype(np.float32)
-    initial_rank = np.argsort(original, kind="stable").astype(np.int32)
-    query_num, all_num = q_g_dist.shape[0], original.shape[0]
-    half = int(np.around(k1 / 2.0)) + 1
-
-    for i in range(all_num):
-        forward = initial_rank[i, : k1 + 1]
-        backward = initial_rank[forward, : k1 + 1]
-        k_reciprocal = forward[np.where(backward == i)[0]]
-        expansion = k_reciprocal
-        for candidate in k_reciprocal:
-            c_forward = initial_rank[candidate, :half]
-            c_backward = initial_rank[c_forward, :half]
-            c_reciprocal = c_forward[np.where(c_backward == candidate)[0]]
-            if len(np.intersect1d(c_reciprocal, k_reciprocal)) > 2.0 / 3 * len(c_reciprocal):
-                expansion = np.append(expansion, c_reciprocal)
-        expansion = np.unique(expansion)
-        weight = np.exp(-original[i, expansion])
-        V[i, expansion] = 1.0 * weight / np.sum(weight)
-
-    original = original[:query_num]
-    if k2 != 1:
-        V_qe = np.zeros_like(V, dtype=np.float32)
-        for i in range(all_num):
-            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-        V = V_qe
-    inverted = [np.where(V[:, i] != 0)[0] for i in range(all_num)]
-    jaccard = np.zeros_like(original, dtype=np.float32)
-    for i in range(query_num):
-        temp_min = np.zeros(shape=[1, all_num], dtype=np.float32)
-        nonzero = np.where(V[i, :] != 0)[0]
-        for k in nonzero:
-            rows = inverted[k]
-            temp_min[0, rows] = temp_min[0, rows] + np.minimum(V[i, k], V[rows, k])
-        jaccard[i] = 1 - temp_min / (2.0 - temp_min)
-    final = jaccard * (1 - lambda_value) + original * lambda_value
-    return final[:query_num, query_num:]
-
-
 def euclidean(a, b):
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0))
+    return plain_euclidean(a.astype(np.float64), b.astype(np.float64))
 
 
 def dense_from_features(qf, gf, **kwargs):

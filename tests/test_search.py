@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from reidlib.engine.trainer import load_trained_model
+from reidlib.data import list_image_folder
 from reidlib.eval.extract import extract_features
-from reidlib.eval.search import extract_folder, list_images, search
+from reidlib.model.io import load_trained_model
+from reidlib.search import extract_folder, search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def cfg(tiny_trained):
 def test_extract_writes_features_in_file_order(cfg, synth_root, tmp_path):
     out = extract_folder(cfg, synth_root / "query", tmp_path / "q.npz")
     data = np.load(out)
-    items = list_images(synth_root / "query")
+    items = list_image_folder(synth_root / "query")
     assert list(data["paths"]) == [p for p, _, _ in items]
     assert data["features"].shape[0] == len(items) and data["features"].dtype == np.float32
     # the same features as encoding the items directly with the trained model
@@ -98,7 +99,7 @@ def test_flip_augmentation_averages_image_and_mirror(cfg, synth_root):
 
     from reidlib.data import build_transforms, read_image
     model, _ = load_trained_model(cfg.test.weights)
-    items = list_images(synth_root / "query")[:3]
+    items = list_image_folder(synth_root / "query")[:3]
     flip_cfg = copy.deepcopy(cfg)
     flip_cfg.test.flip = True
     flipped, _, _ = extract_features(model, items, flip_cfg, progress=False)

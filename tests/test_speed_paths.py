@@ -2,12 +2,12 @@
 import torch
 
 import reidlib
-from reidlib.data import TrainImageCache, load_dataset
-from reidlib.engine.runtime import Runtime
+from reidlib.data import TrainBatches, TrainImageCache, load_dataset
 from reidlib.engine.stage1 import cache_image_features
-from reidlib.engine.stage2 import TrainBatches, make_loss
+from reidlib.engine.stage2 import make_loss
 from reidlib.losses import stage1_loss
 from reidlib.model import build_model
+from reidlib.runtime import Runtime
 
 
 def _setup(synth_root, method="proposed"):

@@ -11,8 +11,14 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from reidlib.config import DataConfig
-from reidlib.data import (RandomErasing, TrainImageCache, build_transforms, gpu_train_augment,
-                          interpolation_mode, test_tensor_transform)
+from reidlib.data import (
+    RandomErasing,
+    TrainImageCache,
+    build_transforms,
+    gpu_train_augment,
+    interpolation_mode,
+    test_tensor_transform,
+)
 from reidlib.data.transforms import normalize, pad_crop, random_erase
 
 CFG = DataConfig()

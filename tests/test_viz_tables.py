@@ -7,9 +7,19 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from reidlib.viz import (collect_metrics, comparison_table, paired_test, plot_bars, plot_cmc, plot_gains,
-                         plot_training_curves, retrieval_grid, summarize, summary_markdown,
-                         write_summary)
+from reidlib.viz import (
+    collect_metrics,
+    comparison_table,
+    paired_test,
+    plot_bars,
+    plot_cmc,
+    plot_gains,
+    plot_training_curves,
+    retrieval_grid,
+    summarize,
+    summary_markdown,
+    write_summary,
+)
 
 # Hand-made runs (fractions, as the trainer writes them): proposed beats the baseline on every seed.
 BASE_R1 = {0: 0.700, 1: 0.710, 2: 0.705}
@@ -129,6 +139,7 @@ def test_training_curves_and_retrieval_grid(tmp_path):
 
 def test_attention_rollout_by_hand():
     import torch
+
     from reidlib.viz.attention import attention_rollout, last_layer_cls_attention
     a1 = torch.softmax(torch.randn(2, 3, 5, 5), -1)   # [B, heads, N, N]
     a2 = torch.softmax(torch.randn(2, 3, 5, 5), -1)
@@ -145,6 +156,7 @@ def test_hooked_attention_is_the_blocks_attention(overlap):
     block feeds its output projection (LoRA on); the maps have the model's non-square token grid,
     with and without overlapping patches."""
     import torch
+
     from reidlib.config import load_config
     from reidlib.model import build_model
     from reidlib.viz.attention import AttentionRecorder, attention_maps

@@ -1,4 +1,5 @@
-"""Data: data sets, image reading, P x K sampling, transforms, and a generated data set.
+"""Data: data sets, image reading, P x K sampling, transforms, the device image cache, and a
+generated data set.
 
 Example::
 
@@ -7,15 +8,25 @@ Example::
     train = ImageDataset(ds.train, build_transforms(cfg.data, cfg.model.image_size, train=True))
     sampler = RandomIdentitySampler(ds.train, batch_size=64, num_instance=4, seed=0)
 """
-from .datasets import Item, ReIDDataset, dataset_names, load_dataset, register_dataset
-from .images import ImageDataset, TrainImageCache, UnreadableImageError, read_image
+from .cache import TrainBatches, TrainImageCache, make_image_cache
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    Item,
+    ReIDDataset,
+    dataset_names,
+    list_image_folder,
+    load_dataset,
+    parse_market_name,
+    register_dataset,
+)
+from .images import ImageDataset, UnreadableImageError, read_image
 from .sampler import DistributedIdentitySampler, RandomIdentitySampler
-from .transforms import (RandomErasing, build_transforms, gpu_train_augment, interpolation_mode,
-                         test_tensor_transform)
+from .transforms import RandomErasing, build_transforms, gpu_train_augment, interpolation_mode, test_tensor_transform
 
 __all__ = [
     "Item", "ReIDDataset", "dataset_names", "load_dataset", "register_dataset",
-    "ImageDataset", "TrainImageCache", "UnreadableImageError", "read_image",
+    "IMAGE_EXTENSIONS", "list_image_folder", "parse_market_name",
+    "ImageDataset", "UnreadableImageError", "read_image", "TrainImageCache", "TrainBatches", "make_image_cache",
     "RandomIdentitySampler", "DistributedIdentitySampler",
     "RandomErasing", "build_transforms", "gpu_train_augment", "interpolation_mode", "test_tensor_transform",
     "generate_market",

@@ -33,9 +33,9 @@ log = logging.getLogger("reidlib.data")
 
 Item = tuple[str, int, int]  # (image path, person id, camera id)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what any image listing takes
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
-MARKET_NAME = re.compile(r"^([-\d]+)_c(\d+)")  # 0002_c1s1_000451_03.jpg -> pid 2, camera 1
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg -> pid 2, camera 1
 SHOW_AT_MOST = 5  # how many offending names a warning lists
 
 
@@ -147,10 +147,42 @@ def _find_dir(name: str, root: Path, candidates: list[str], marker: str, layout:
                             f"{', '.join(str(p) for p in looked)}); expected {layout}")
 
 
+def parse_market_name(name: str) -> tuple[int, int] | None:
+    """(identity, 1-based camera) of a Market-style file name, or None when it is not one.
+
+    >>> parse_market_name("0002_c1s1_000451_03.jpg"), parse_market_name("-1_c3s2_000012_01.jpg")
+    ((2, 1), (-1, 3))
+    >>> parse_market_name("IMG_0042.jpg") is None
+    True
+    """
+    match = MARKET_NAME.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _list_images(folder: Path) -> list[Path]:
     with os.scandir(folder) as entries:
         names = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
     return [folder / n for n in sorted(names)]
+
+
+def list_image_folder(folder: str | Path) -> list[Item]:
+    """Every image under ``folder``, recursively and sorted, as (path, pid, camid) items: pid and
+    0-based camid from Market-style names (``0002_c1s1_...``), -1 for other names.
+
+    For your own crops (``reidlib extract``, ``reidlib search``): nothing is dropped or relabelled.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}; pass images=DIR (a folder of "
+                                f"{', '.join(IMAGE_EXTENSIONS)} files)")
+    paths = sorted(p for p in folder.rglob("*") if p.name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    items = []
+    for path in paths:
+        pid, cam = parse_market_name(path.name) or (-1, 0)
+        items.append((str(path), pid, cam - 1))
+    return items
 
 
 def _warn_unparsable(name: str, where: Path | str, bad: list[str], expected: str) -> None:
@@ -179,11 +211,11 @@ def _parse_market_folder(name: str, folder: Path) -> list[Item]:
         raise FileNotFoundError(f"{name}: missing folder {folder}")
     items, bad = [], []
     for path in _list_images(folder):
-        match = MARKET_NAME.match(path.name)
-        if match is None:
+        parsed = parse_market_name(path.name)
+        if parsed is None:
             bad.append(path.name)
             continue
-        items.append((str(path), int(match.group(1)), int(match.group(2))))
+        items.append((str(path), *parsed))
     _warn_unparsable(name, folder, bad, "PPPP_cC...")
     return _require_images(name, folder, _drop_junk(name, folder, items))
 

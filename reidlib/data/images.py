@@ -1,4 +1,4 @@
-"""Images from disk: a strict ``read_image``, the torch ``ImageDataset``, and ``TrainImageCache``.
+"""Images from disk: a strict ``read_image`` and the torch ``ImageDataset``.
 
 An unreadable or truncated file raises once with its path (the reference's reader retried forever on
 IOError). The dataset replaces such an image by another image of the same person, so that a P x K
@@ -16,15 +16,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.context
-import os
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-
-from .transforms import interpolation_mode
 
 log = logging.getLogger("reidlib.data")
 
@@ -113,7 +107,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if not self.substitute:
             return
         if self._same_pid is None:
-            self._same_pid = _indices_by_pid(self.items)
+            self._same_pid = indices_by_pid(self.items)
         group = self._same_pid[self.items[index][1]]
         start = group.index(index)
         for i in group[start + 1:] + group[:start]:
@@ -148,78 +142,8 @@ def _new_counter(values=None):
     return multiprocessing.RawArray("q", values if values is not None else COUNTER_SLOTS)
 
 
-def _indices_by_pid(items) -> dict[int, list[int]]:
+def indices_by_pid(items) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = {}
     for i, (_, pid, _) in enumerate(items):
         groups.setdefault(pid, []).append(i)
     return groups
-
-
-class TrainImageCache:
-    """Every training image decoded once and resized, in one uint8 tensor ``images [N, 3, H, W]``.
-
-    For the GPU path: move the cache to the device once, then index batches out of it and augment
-    them there with :func:`reidlib.data.gpu_train_augment`, so that no image is decoded twice and no
-    DataLoader worker is needed. The resize is PIL's with the configured interpolation, exactly what
-    the train transform's ``Resize`` does, so the two paths start from the same pixels.
-
-    Memory is ``N * 3 * H * W`` bytes: Market-1501's 12,936 train images take 1.27 GB at 256x128 and
-    318 MB at 128x64. Unreadable images are replaced by another image of the same pid (counted in
-    ``num_skipped``). Decoding uses ``num_threads`` threads (PIL releases the GIL while decoding).
-
-    Example::
-
-        cache = TrainImageCache(dataset.train, [256, 128], "bicubic").to("cuda")
-        batch = torch.tensor(indices, device="cuda")
-        images = gpu_train_augment(cache.images[batch], cfg.data)
-        pids, camids = cache.pids[batch], cache.camids[batch]
-    """
-
-    def __init__(self, items, image_size, interpolation: str = "bicubic",
-                 num_threads: int | None = None):
-        self.items = list(items)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.interpolation = interpolation
-        height, width = self.image_size
-        self.images = torch.empty((len(self.items), 3, height, width), dtype=torch.uint8)
-        self.pids = torch.tensor([pid for _, pid, _ in self.items], dtype=torch.long)
-        self.camids = torch.tensor([cam for _, _, cam in self.items], dtype=torch.long)
-        log.info("decoding %d train images into a %.0f MB uint8 cache at %dx%d", len(self.items),
-                 self.images.numel() / 2**20, height, width)
-        self.num_skipped = len(self._decode_all(num_threads or min(8, os.cpu_count() or 1)))
-
-    def _decode_one(self, index: int) -> bool:
-        try:
-            image = read_image(self.items[index][0])
-        except UnreadableImageError as err:
-            log.warning("%s; using another image of the same person", err)
-            return False
-        image = TF.resize(image, list(self.image_size), interpolation=interpolation_mode(self.interpolation))
-        self.images[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-        return True
-
-    def _decode_all(self, num_threads: int) -> list[int]:
-        with ThreadPoolExecutor(max_workers=num_threads) as pool:
-            ok = list(pool.map(self._decode_one, range(len(self.items))))
-        bad = [i for i, good in enumerate(ok) if not good]
-        groups = _indices_by_pid(self.items)
-        for i in bad:
-            donors = [j for j in groups[self.items[i][1]] if ok[j]]
-            if not donors:
-                raise UnreadableImageError(f"{self.items[i][0]}: unreadable, and no other image of "
-                                           f"pid {self.items[i][1]} is readable")
-            self.images[i] = self.images[donors[0]]
-            self.camids[i] = self.camids[donors[0]]
-        return bad
-
-    def to(self, device) -> "TrainImageCache":
-        """Move images, pids and camids to ``device``; returns the cache."""
-        self.images, self.pids, self.camids = (t.to(device) for t in (self.images, self.pids, self.camids))
-        return self
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel()

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from ..data import ImageDataset, build_transforms, test_tensor_transform
 from ..losses import stage1_loss
-from .runtime import Runtime, epoch_seed, gather_tensor, shard
-from .schedule import set_epoch_lr, stage1_schedule
+from ..runtime import Runtime, epoch_seed, gather_tensor, shard
+from .schedule import stage1_scheduler
 
 
 @torch.no_grad()
@@ -67,11 +67,11 @@ def make_stage1_optimizer(params, cfg):
                             weight_decay=cfg.stage1.weight_decay)
 
 
-def stage1_lr_schedule(cfg):
-    """epoch, base LR -> LR: linear warm-up, then cosine (spec §5)."""
+def make_stage1_scheduler(optimizer, cfg):
+    """Linear warm-up, then cosine (spec §5); build it after loading a resumed optimizer's state."""
     s = cfg.stage1
-    return stage1_schedule(s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
-                           min_lr=s.min_lr)
+    return stage1_scheduler(optimizer, s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+                            min_lr=s.min_lr)
 
 
 def stage1_step(step_module, optimizer, feats, labels, runtime: Runtime) -> torch.Tensor:
@@ -85,12 +85,12 @@ def stage1_step(step_module, optimizer, feats, labels, runtime: Runtime) -> torc
     return loss.detach()
 
 
-def train_stage1_epoch(model, step_module, optimizer, feats, labels, epoch: int, cfg,
+def train_stage1_epoch(model, step_module, optimizer, scheduler, feats, labels, epoch: int, cfg,
                        runtime: Runtime) -> dict:
     """One epoch over the cached features; returns the epoch's mean loss and LR."""
     # Epochs are numbered from 1 in the schedule, as the reference steps it (timm's
     # scheduler.step(epoch) with epoch = 1..N): the first epoch trains above warmup_lr.
-    set_epoch_lr(optimizer, epoch + 1, stage1_lr_schedule(cfg))
+    scheduler.step(epoch + 1)
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, 1, epoch))
     order = torch.randperm(len(feats), generator=generator).to(feats.device)
     batches = list(order.split(cfg.stage1.batch_size))  # the last batch may be short, never empty

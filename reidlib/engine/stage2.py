@@ -9,22 +9,11 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import (DistributedIdentitySampler, ImageDataset, RandomIdentitySampler,
-                    TrainImageCache, build_transforms, gpu_train_augment)
-
-
-def make_image_cache(dataset, cfg, runtime: Runtime):
-    """On CUDA (and ``data.gpu_augment``): every training image decoded once into a uint8 tensor
-    on the GPU, shared by stage 1's feature cache and stage 2's augmentation; None elsewhere."""
-    if runtime.device.type != "cuda" or not cfg.data.gpu_augment:
-        return None
-    return TrainImageCache(dataset.train, cfg.model.image_size,
-                           interpolation=cfg.data.interpolation).to(runtime.device)
+from ..data import TrainBatches
 from ..losses import Stage2Loss
-from .runtime import Runtime, epoch_seed
+from ..runtime import Runtime, epoch_seed
 from .schedule import set_epoch_lr, stage2_schedule
 
 
@@ -52,56 +41,6 @@ def make_loss(cfg) -> Stage2Loss:
     s = cfg.stage2
     return Stage2Loss(id_weight=s.id_weight, tri_weight=s.tri_weight, i2t_weight=s.i2t_weight,
                       margin=s.margin, epsilon=s.label_smoothing)
-
-
-class TrainBatches:
-    """P x K batches of augmented training images, from a DataLoader (CPU) or a GPU-resident
-    uint8 cache augmented on the device (CUDA; the data pipeline then costs almost nothing)."""
-
-    def __init__(self, dataset, cfg, runtime: Runtime, image_cache=None):
-        pids = [pid for _, pid, _ in dataset.train]
-        s = cfg.stage2
-        if runtime.distributed:
-            self.sampler = DistributedIdentitySampler(pids, batch_size=s.ims_per_batch,
-                                                      num_instance=s.num_instance, seed=cfg.seed,
-                                                      rank=runtime.rank, world_size=runtime.world_size)
-        else:
-            self.sampler = RandomIdentitySampler(pids, batch_size=s.ims_per_batch,
-                                                 num_instance=s.num_instance, seed=cfg.seed)
-        self.batch_size = s.ims_per_batch // runtime.world_size
-        self.cfg, self.runtime = cfg, runtime
-        self.items = dataset.train
-        self.cache = image_cache
-        if self.cache is not None:
-            self.labels, self.cams = self.cache.pids, self.cache.camids
-        else:
-            self.dataset = ImageDataset(self.items, build_transforms(cfg.data, cfg.model.image_size, train=True))
-
-    def epoch(self, epoch: int):
-        """Yield (images, pids, camids) on the device for one epoch."""
-        self.sampler.set_epoch(epoch)
-        device = self.runtime.device
-        if self.cache is not None:
-            indices = torch.tensor(list(iter(self.sampler)), device=device)
-            generator = torch.Generator(device=device).manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
-            for batch in indices.split(self.batch_size):
-                if len(batch) < self.batch_size:
-                    break
-                images = gpu_train_augment(self.cache.images[batch], self.cfg.data, generator=generator)
-                yield images, self.labels[batch], self.cams[batch]
-            return
-        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                            num_workers=self.cfg.data.num_workers, drop_last=True, generator=generator,
-                            pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        for images, pids, camids, _ in loader:
-            yield (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
-                   camids.to(device, non_blocking=True))
-
-    def num_batches(self, epoch: int) -> int:
-        self.sampler.set_epoch(epoch)
-        return len(self.sampler) // self.batch_size
 
 
 def wrap_for_stage2(model, runtime: Runtime, compile_model: bool = False):

@@ -12,28 +12,37 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import yaml
-from open_clip.transformer import QuickGELU
 
-from ..config import Config, config_from_dict, to_dict
-from ..data import load_dataset
+from ..config import Config, method_of, to_dict
+from ..data import TrainBatches, load_dataset, make_image_cache
 from ..eval.extract import evaluate_model
+from ..files import load_checkpoint, save_checkpoint, write_json
 from ..model import build_model, parameter_table, set_trainable
-from .checkpoint import (RESUME_IGNORE, capture_rng_state, check_config_match, checkpoint_name,
-                         config_diff, find_latest_checkpoint, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
-from .runtime import Runtime, seed_everything, setup_runtime
-from .stage1 import (cache_image_features, make_stage1_optimizer, train_stage1_epoch,
-                     wrap_for_stage1)
-from .stage2 import (TrainBatches, make_image_cache, make_loss, make_stage2_optimizer,
-                     train_stage2_epoch, wrap_for_stage2)
+from ..model.io import load_trained_model, model_record
+from ..runtime import Runtime, seed_everything, setup_runtime
+from .checkpoint import (
+    RESUME_IGNORE,
+    capture_rng_state,
+    check_config_match,
+    checkpoint_name,
+    find_latest_checkpoint,
+    restore_rng_state,
+)
+from .stage1 import (
+    cache_image_features,
+    make_stage1_optimizer,
+    make_stage1_scheduler,
+    train_stage1_epoch,
+    wrap_for_stage1,
+)
+from .stage2 import make_loss, make_stage2_optimizer, train_stage2_epoch, wrap_for_stage2
 
 log = logging.getLogger("reidlib")
+
 
 def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epoch: int,
                 dataset) -> None:
@@ -42,20 +51,12 @@ def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epo
         return
     path = runtime.output_dir / checkpoint_name(stage, epoch)
     save_checkpoint(path, {
-        "stage": stage, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": {"epoch": epoch},
-        "sampler": {"seed": cfg.seed, "epoch": epoch}, "rng": capture_rng_state(),
-        "config": to_dict(cfg), "num_classes": dataset.num_train_pids,
-        "num_cameras": dataset.num_train_cams, "quick_gelu": uses_quick_gelu(model),
+        "stage": stage, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+        **model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams),
     })
     for old in runtime.output_dir.glob("checkpoint_stage*_e*.pt"):
         if old != path:
             old.unlink()
-
-
-def uses_quick_gelu(model) -> bool:
-    """Whether the CLIP inside was built with QuickGELU (OpenAI weights) rather than GELU."""
-    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
 def _should_save(epoch: int, total: int, period: int) -> bool:
@@ -86,13 +87,15 @@ def run_stage1(model, dataset, cfg: Config, runtime: Runtime, resume: dict | Non
         start = resume["epoch"]
     if start >= cfg.stage1.epochs:
         return
+    scheduler = make_stage1_scheduler(optimizer, cfg)
     # The GPU image cache is resized with the train interpolation; stage 1 wants the test one.
     same_resize = cfg.data.interpolation == cfg.data.test_interpolation
     feats, labels = cache_image_features(model, dataset.train, cfg, runtime,
                                          image_cache if same_resize else None)
     step_module = wrap_for_stage1(model, runtime)
     for epoch in range(start, cfg.stage1.epochs):
-        record = train_stage1_epoch(model, step_module, optimizer, feats, labels, epoch, cfg, runtime)
+        record = train_stage1_epoch(model, step_module, optimizer, scheduler, feats, labels, epoch, cfg,
+                                    runtime)
         runtime.log_metrics(record)
         if runtime.is_main:
             log.info("stage 1 epoch %d/%d loss %.4f lr %.2e", epoch + 1, cfg.stage1.epochs,
@@ -142,12 +145,6 @@ def _load_stage1_prompts(model, path: str) -> None:
         raise ValueError(f"{path}: prompt shapes do not match this config (number of identities or prompt settings)")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def train(cfg: Config, dataset=None) -> dict:
     """Run stage 1 and stage 2 (resuming from the run folder when asked) and evaluate the final
     model on query/gallery. Returns the metrics dict also written to ``metrics.json``."""
@@ -174,53 +171,16 @@ def train(cfg: Config, dataset=None) -> dict:
     del image_cache
     metrics = evaluate_model(model, dataset, cfg, runtime)
     if runtime.is_main:
-        save_checkpoint(runtime.output_dir / "model_final.pt", {
-            "model": model.state_dict(), "config": to_dict(cfg),
-            "num_classes": dataset.num_train_pids, "num_cameras": dataset.num_train_cams,
-            "quick_gelu": uses_quick_gelu(model)})
-        summary = {"dataset": cfg.data.dataset, "method": method_name(cfg), "seed": cfg.seed,
+        save_checkpoint(runtime.output_dir / "model_final.pt",
+                        model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams))
+        summary = {"dataset": cfg.data.dataset, "method": method_of(cfg), "seed": cfg.seed,
                    **metrics}
         runtime.log_metrics({"stage": "final", "eval": metrics})
-        _write_json(runtime.output_dir / "metrics.json", summary)
+        write_json(runtime.output_dir / "metrics.json", summary)
         log.info("final: R1 %.2f  mAP %.2f  mINP %.2f", 100 * metrics["rank1"],
                  100 * metrics["mAP"], 100 * metrics["mINP"])
     runtime.close()
     return metrics
-
-
-def method_name(cfg: Config) -> str:
-    """baseline | proposed | deep_only | lora_only, read off the model settings."""
-    deep = cfg.model.prompt == "deep"
-    lora = cfg.model.lora.enabled
-    return {(False, False): "baseline", (True, True): "proposed",
-            (True, False): "deep_only", (False, True): "lora_only"}[(deep, lora)]
-
-
-def load_trained_model(path: str | Path, cfg: Config | None = None, device="cpu"):
-    """Rebuild a trained model from ``model_final.pt`` or a checkpoint; returns (model, cfg).
-
-    The architecture, prompts, LoRA and the number of identities come from the checkpoint's own
-    config, so any data set can be tested with any trained model (no key-for-key match as in the
-    reference). Of ``cfg`` only the test-time choice ``model.neck_feat`` is used; other model keys
-    that differ from the checkpoint's are listed in a warning and ignored.
-    """
-    state = load_checkpoint(path, map_location="cpu")
-    saved = config_from_dict(state["config"])
-    model_cfg = saved.model
-    if cfg is not None:
-        model_cfg = dataclasses.replace(model_cfg, neck_feat=cfg.model.neck_feat)
-        differ = config_diff({"model": state["config"]["model"]}, {"model": to_dict(cfg)["model"]},
-                             ignore=("model.pretrained", "model.neck_feat", "model.text_chunk", "model.lora.lr"))
-        if differ:
-            log.warning("%s: using the checkpoint's model settings, not the config's: %s", path,
-                        "; ".join(differ))
-    # The checkpoint holds every weight: build without loading CLIP weights, with the activation
-    # the trained model used (QuickGELU for OpenAI weights).
-    model_cfg = dataclasses.replace(model_cfg, pretrained="none",
-                                    quick_gelu="true" if state["quick_gelu"] else "false")
-    model = build_model(model_cfg, num_classes=state["num_classes"], num_cameras=state["num_cameras"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), (cfg or saved)
 
 
 def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
@@ -233,6 +193,6 @@ def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
     dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
     metrics = evaluate_model(model, dataset, cfg, runtime)
     if runtime.is_main:
-        _write_json(runtime.output_dir / "test_metrics.json", {"weights": str(weights), **metrics})
+        write_json(runtime.output_dir / "test_metrics.json", {"weights": str(weights), **metrics})
     runtime.close()
     return metrics

@@ -6,7 +6,8 @@ Example:
     >>> metrics["rank1"], metrics["mAP"]  # doctest: +SKIP
 """
 
-from .metrics import Evaluator, compute_distance, evaluate
+from .distance import compute_distance
+from .metrics import Evaluator, evaluate
 from .rerank import rerank
 
 __all__ = ["evaluate", "rerank", "Evaluator", "compute_distance"]

@@ -14,9 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import UnreadableImageError, build_transforms, read_image
-from ..engine.runtime import Runtime, gather_tensor, pick_amp_dtype, pick_device, shard
+from ..runtime import Runtime, gather_tensor, local_runtime, shard
 from .metrics import evaluate
-
 
 log = logging.getLogger("reidlib")
 
@@ -40,11 +39,6 @@ class _TestImages(torch.utils.data.Dataset):
             return torch.zeros(3, *self.image_size), pid, camid, False
 
 
-def _local_runtime(cfg) -> Runtime:
-    device = pick_device(cfg.device)
-    return Runtime(device=device, amp_dtype=pick_amp_dtype(cfg.precision, device), output_dir=None)
-
-
 def extract_features(model, items, cfg, runtime: Runtime | None = None, progress: bool = True,
                      desc: str = "features", return_kept: bool = False):
     """Test features of ``items`` ((path, pid, camid) tuples) in their order.
@@ -65,7 +59,7 @@ def extract_features(model, items, cfg, runtime: Runtime | None = None, progress
 
 @torch.no_grad()
 def _extract(model, items, cfg, runtime, progress, desc):
-    runtime = runtime or _local_runtime(cfg)
+    runtime = runtime or local_runtime(cfg.device, cfg.precision)
     transform = build_transforms(cfg.data, cfg.model.image_size, train=False)
     dataset = _TestImages(items, transform, cfg.model.image_size)
     local = Subset(dataset, list(shard(len(dataset), runtime)))

@@ -29,33 +29,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-METRICS = ("euclidean", "cosine")
-
-# Query rows per chunk are chosen so that one distance block holds about this many elements
-# (128 MiB in float32); two such blocks (distances and their sorted copy) are alive at a time.
-_CHUNK_ELEMENTS = 1 << 25
-
+from .distance import (
+    CHUNK_ELEMENTS,
+    GalleryDistance,
+    as_features,
+    as_tensor,
+    check_finite,
+    check_metric,
+    resolve_device,
+    squared_norms,
+)
+from .rerank import rerank as k_reciprocal_rerank
 
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
 
 
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    """A detached tensor view of ``x`` (NumPy arrays and lists are wrapped without copying)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a tensor or array, got {type(x).__name__}") from err
-
-
 def _as_labels(x: Any, name: str, length: int, length_of: str) -> torch.Tensor:
     """Identity or camera labels as a 1-D int64 tensor whose length matches ``length_of``."""
     if x is None:
         raise ValueError(f"{name} is required")
-    labels = _as_tensor(x, name)
+    labels = as_tensor(x, name)
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -65,131 +60,8 @@ def _as_labels(x: Any, name: str, length: int, length_of: str) -> torch.Tensor:
     return labels.long()
 
 
-def _as_features(x: Any, name: str) -> torch.Tensor:
-    """A 2-D floating-point feature matrix; half precision is widened to float32.
-
-    NaN/inf are caught later from the squared norms (one value per row, no extra full pass).
-    """
-    feats = _as_tensor(x, name)
-    if feats.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (num_images x dim), got shape {tuple(feats.shape)}")
-    if feats.dtype != torch.float64:
-        feats = feats.float()
-    return feats
-
-
-def _check_finite(squared_norms: torch.Tensor, name: str) -> None:
-    """Squared norms are NaN or inf exactly when a row holds NaN or inf (or overflows)."""
-    if not bool(torch.isfinite(squared_norms).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-
-
-def _resolve_device(device: Any, *arrays: Any) -> torch.device:
-    """The requested device, else the device of the first tensor given, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    for a in arrays:
-        if isinstance(a, torch.Tensor):
-            return a.device
-    return torch.device("cpu")
-
-
 def _default_chunk(num_gallery: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, num_gallery))
-
-
-# --------------------------------------------------------------------------------------------
-# Distances
-# --------------------------------------------------------------------------------------------
-
-
-def squared_norms(x: torch.Tensor, dim: int = 1, step: int = 8192) -> torch.Tensor:
-    """``sum(x**2)`` over ``dim`` of a 2-D tensor, in slices of ``step`` along the other dimension
-    so no full-size temporary is made.
-
-    (``vector_norm(x) ** 2`` would round through a square root: exact integer inputs would no
-    longer give exact distances.)
-    """
-    other, length = 1 - dim, x.shape[1 - dim]
-    parts = [x.narrow(other, s, min(step, length - s)).square().sum(dim) for s in range(0, length, step)]
-    return torch.cat(parts) if parts else x.new_zeros(0)
-
-
-class _GalleryDistance:
-    """Distances from batches of query features to a fixed gallery, one GEMM per batch.
-
-    Squared Euclidean is ``|q|^2 + |g|^2 - 2 q.g``, clamped at 0 (rounding can make it slightly
-    negative); cosine distance is ``1 - q.g`` on L2-normalised features. The norm and constant
-    terms ride along as extra feature columns, ``[q, |q|^2, 1] . [-2g, 1, |g|^2]``, so the whole
-    distance comes out of a single matrix product with no extra passes over the ``Q x G`` block.
-    """
-
-    def __init__(self, gf: torch.Tensor, metric: str, normalize: bool, names=("qf", "gf")):
-        self.euclidean = metric == "euclidean"
-        self.normalize = normalize or not self.euclidean  # cosine is defined on unit vectors
-        self.names = names
-        dim = gf.shape[1]
-        # Stored transposed and contiguous: the GEMM runs ~25% faster than on a transposed view.
-        self.gallery_t = torch.empty(dim + 1 + self.euclidean, len(gf), dtype=gf.dtype, device=gf.device)
-        body = self.gallery_t[:dim]
-        body.copy_(gf.t())
-        if self.normalize:
-            body.div_(torch.linalg.vector_norm(gf, dim=1).clamp_(min=1e-12))  # as F.normalize
-        sq = squared_norms(body, dim=0)
-        _check_finite(sq, names[1])
-        body.mul_(-2 if self.euclidean else -1)
-        self.gallery_t[dim] = 1
-        if self.euclidean:
-            self.gallery_t[dim + 1] = sq
-
-    def _augment(self, qf: torch.Tensor) -> torch.Tensor:
-        q = qf.to(self.gallery_t.device, self.gallery_t.dtype)
-        if self.normalize:
-            q = F.normalize(q, dim=1)
-        sq = squared_norms(q)
-        _check_finite(sq, self.names[0])
-        ones = torch.ones(len(q), 1, dtype=q.dtype, device=q.device)
-        return torch.cat([q, sq[:, None], ones] if self.euclidean else [q, ones], 1)
-
-    def __call__(self, qf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Distances of ``qf`` to the gallery, written into ``out`` when given (reused memory
-        avoids page-faulting a fresh block for every chunk)."""
-        dist = torch.mm(self._augment(qf), self.gallery_t, out=out)
-        return dist.clamp_(min=0) if self.euclidean else dist
-
-
-def compute_distance(
-    qf: Any, gf: Any, metric: str = "euclidean", normalize: bool = True, device: Any = None
-) -> torch.Tensor:
-    """Query-by-gallery distance matrix (smaller = closer).
-
-    Args:
-        qf, gf: query and gallery features, ``(Q, D)`` and ``(G, D)``, tensors or arrays.
-        metric: ``"euclidean"`` (squared Euclidean) or ``"cosine"`` (``1 - cos``).
-        normalize: L2-normalise the features first (always done for cosine). On unit vectors the
-            squared Euclidean distance is ``2 - 2 cos``, so both metrics rank identically.
-        device: where to compute; default the device of ``qf``.
-
-    Returns:
-        A ``(Q, G)`` float tensor.
-
-    Example:
-        >>> d = compute_distance(torch.randn(3, 8), torch.randn(5, 8))
-        >>> d.shape
-        torch.Size([3, 5])
-    """
-    _check_metric(metric)
-    qf, gf = _as_features(qf, "qf"), _as_features(gf, "gf")
-    if qf.shape[1] != gf.shape[1]:
-        raise ValueError(f"qf has dimension {qf.shape[1]} but gf has dimension {gf.shape[1]}")
-    dev = _resolve_device(device, qf)
-    dtype = torch.promote_types(qf.dtype, gf.dtype)
-    return _GalleryDistance(gf.to(dev, dtype), metric, normalize)(qf.to(dev, dtype))
+    return max(1, CHUNK_ELEMENTS // max(1, num_gallery))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +110,7 @@ def _sort_rows(dist: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     return out
 
 
-def _count_tied_before(dist, values, index, where, max_elements=_CHUNK_ELEMENTS):
+def _count_tied_before(dist, values, index, where, max_elements=CHUNK_ELEMENTS):
     """For the entries flagged in ``where``: how many gallery items in the same row have exactly
     the entry's distance and a smaller gallery index (they rank first under the stable order)."""
     counts = torch.zeros_like(index)
@@ -378,7 +250,7 @@ def evaluate(
         >>> r["num_valid_queries"], len(r["cmc"])
         (4, 50)
     """
-    _check_metric(metric)
+    check_metric(metric)
     if max_rank < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
     has_features = qf is not None or gf is not None
@@ -390,16 +262,16 @@ def evaluate(
         raise ValueError("pass features (qf, gf) or distmat")
     if rerank and not has_features:
         raise ValueError("rerank needs features (qf, gf), not a distance matrix")
-    dev = _resolve_device(device, qf, gf, distmat)
+    dev = resolve_device(device, qf, gf, distmat)
 
     if has_features:
-        qf, gf = _as_features(qf, "qf"), _as_features(gf, "gf")
+        qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
         if qf.shape[1] != gf.shape[1]:
             raise ValueError(f"qf has dimension {qf.shape[1]} but gf has dimension {gf.shape[1]}")
-        _check_finite(squared_norms(qf), "qf")  # cheap here; the gallery is checked when prepared
+        check_finite(squared_norms(qf), "qf")  # cheap here; the gallery is checked when prepared
         num_query, num_gallery, names = len(qf), len(gf), ("qf", "gf")
     else:
-        distmat = _as_tensor(distmat, "distmat")
+        distmat = as_tensor(distmat, "distmat")
         if distmat.dim() != 2:
             raise ValueError(f"distmat must be 2-D (Q x G), got shape {tuple(distmat.shape)}")
         if not distmat.is_floating_point():
@@ -407,8 +279,6 @@ def evaluate(
         num_query, num_gallery, names = distmat.shape[0], distmat.shape[1], ("distmat", "distmat columns")
 
     if rerank:
-        from .rerank import rerank as k_reciprocal_rerank
-
         if normalize:
             qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         options = {"device": dev, **(rerank if isinstance(rerank, dict) else {})}
@@ -416,7 +286,7 @@ def evaluate(
         has_features = False
     elif has_features:
         dtype = torch.promote_types(qf.dtype, gf.dtype)
-        distance_to = _GalleryDistance(gf.to(dev, dtype), metric, normalize)
+        distance_to = GalleryDistance(gf.to(dev, dtype), metric, normalize)
 
     q_pids = _as_labels(q_pids, "q_pids", num_query, names[0]).to(dev)
     q_camids = _as_labels(q_camids, "q_camids", num_query, names[0]).to(dev)
@@ -476,7 +346,7 @@ class Evaluator:
 
     def process(self, features: Any, pids: Sequence[int] | Any, camids: Sequence[int] | Any) -> None:
         """Add one batch of features with its identity and camera labels."""
-        features = _as_tensor(features, "features")
+        features = as_tensor(features, "features")
         n = len(features)
         self._features.append(features)
         self._pids.append(_as_labels(pids, "pids", n, "features").cpu())

@@ -37,10 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import _check_finite, squared_norms
+from .distance import CHUNK_ELEMENTS, check_finite, squared_norms
 
-# Row chunks hold about this many distances (128 MiB in float32).
-_CHUNK_ELEMENTS = 1 << 25
 # The nearest-neighbour lists keep this many times (k1 + 1) entries: the distance of a row to most
 # members of its expanded set is then read from the list instead of being recomputed.
 _LOOKUP_FACTOR = 3
@@ -89,13 +87,13 @@ def rerank(
     dev = _pick_device(device, qf)
     num_query, num_gallery = len(q), len(g)
     n = num_query + num_gallery
-    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // n)
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // n)
     _check_memory(num_query, num_gallery, q.shape[1], chunk, k1, k2, dev, memory_budget_gb)
 
     x = torch.cat([q, g]).to(dev)
     distance = _RowDistance(x)
-    _check_finite(distance.sq[:num_query], "qf")
-    _check_finite(distance.sq[num_query:], "gf")
+    check_finite(distance.sq[:num_query], "qf")
+    check_finite(distance.sq[num_query:], "gf")
     result = torch.empty(num_query, num_gallery, dtype=torch.float32, device=dev)
     nearest = _nearest_neighbours(distance, k1, k2, chunk, result)
     members = _expanded_sets(nearest.index, k1, chunk)
@@ -166,7 +164,7 @@ def estimate_memory(
         True
     """
     n = num_query + num_gallery
-    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // n)
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // n)
     half = _half(k1)
     set_width = (k1 + 1) * (half + 2)  # k-reciprocal set plus every accepted half set
     width = _LOOKUP_FACTOR * (k1 + 1) + 1
@@ -482,7 +480,7 @@ def _mix_jaccard(result: torch.Tensor, v: _Sparse, num_query: int, lambda_value:
     pair_end = torch.cat([pairs.new_zeros(1), torch.cumsum(pairs, 0)]).index_select(0, q_first)
     pairs_per_query = pair_end[1:] - pair_end[:-1]
 
-    max_rows = max(1, min(chunk, num_query, _CHUNK_ELEMENTS // max(1, num_gallery)))
+    max_rows = max(1, min(chunk, num_query, CHUNK_ELEMENTS // max(1, num_gallery)))
     scratch = torch.zeros(max_rows * num_gallery, dtype=torch.float32, device=result.device)
     for start, stop in _split_by_total(pairs_per_query, _PAIRS_PER_STEP, max_rows):
         a, b = int(q_first[start]), int(q_first[stop])

@@ -8,13 +8,16 @@ Example::
     print(parameter_table(model))
     features = model.eval().encode_image(images)        # [B, 1280] for ViT-B/16
 """
+from .attention import SplitAttention, split_attention
 from .backbone import TINY_CONFIGS, load_clip, read_state_dict, resize_grid_embedding
-from .lora import apply_lora, merge_lora, parameter_table, set_trainable, trainable_parameters
+from .lora import apply_lora, merge_lora
 from .prompts import DeepPromptLearner, PromptLearner, TextEncoder
 from .reid import ReIDModel, build_model
+from .trainable import parameter_table, set_trainable, trainable_parameters
 
 __all__ = [
     "build_model", "ReIDModel", "load_clip", "read_state_dict", "resize_grid_embedding", "TINY_CONFIGS",
-    "apply_lora", "merge_lora", "set_trainable", "trainable_parameters", "parameter_table",
+    "SplitAttention", "split_attention", "apply_lora", "merge_lora",
+    "set_trainable", "trainable_parameters", "parameter_table",
     "PromptLearner", "DeepPromptLearner", "TextEncoder",
 ]

@@ -34,7 +34,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .lora import split_attention
+from .attention import split_attention
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def _openai_file(name: str) -> Path:
     if cached is not None:
         return cached
     if _offline():
-        raise RuntimeError(f"model.pretrained=openai: '{name}' weights are not cached and HF_HUB_OFFLINE is set; {hint}")
+        raise RuntimeError(f"model.pretrained=openai: '{name}' weights are not cached and HF_HUB_OFFLINE is set; "
+                           f"{hint}")
     try:
         return Path(open_clip.download_pretrained(tag))
     except Exception as err:  # noqa: BLE001 - any hub/network failure gets the same advice

@@ -12,9 +12,19 @@ import warnings
 
 from .plots import plot_bars, plot_cmc, plot_gains, plot_training_curves, read_jsonl, training_frames
 from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows
-from .tables import (METHOD_NAMES, METRIC_NAMES, collect_metrics, comparison_table, headline_table,
-                     methods_table, paired_test, summarize, summary_markdown, to_markdown,
-                     write_summary)
+from .tables import (
+    METHOD_NAMES,
+    METRIC_NAMES,
+    collect_metrics,
+    comparison_table,
+    headline_table,
+    methods_table,
+    paired_test,
+    summarize,
+    summary_markdown,
+    to_markdown,
+    write_summary,
+)
 
 __all__ = ["collect_metrics", "summarize", "paired_test", "comparison_table", "methods_table",
            "summary_markdown", "to_markdown", "write_summary", "plot_bars", "plot_cmc", "plot_gains",

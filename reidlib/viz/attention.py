@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.colors import Normalize
 
-from .tables import method_name
+from ..config import run_dir
+from ..model.io import load_trained_model
+from .tables import method_label
 
 
 def vision_blocks(model) -> list:
@@ -153,8 +155,6 @@ def _load_images(items, cfg, device):
 
 def load_run_models(results_root: str | Path, dataset: str, methods, seed: int, device: str = "cpu") -> dict:
     """method -> (model, cfg) from ``results_root/<dataset>/<method>/seed<seed>/model_final.pt``."""
-    from ..engine.trainer import load_trained_model
-    from ..sweep import run_dir
     models = {}
     for method in methods:
         path = run_dir(results_root, dataset, method, seed) / "model_final.pt"
@@ -190,7 +190,7 @@ def attention_figure(models: dict, items, out_png: str | Path | None = None, mod
             ax.imshow(shown[row])
             ax.imshow(maps[row].cpu().numpy(), cmap="inferno", alpha=alpha, vmin=0, vmax=1)
             if row == 0:
-                ax.set_title(method_name(name).replace(" (", "\n("), fontsize=9)
+                ax.set_title(method_label(name).replace(" (", "\n("), fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from .tables import METHOD_ORDER, METRIC_NAMES, format_p, method_name, ordered_datasets, paired_test
+from .tables import METHOD_ORDER, METRIC_NAMES, format_p, method_label, ordered_datasets, paired_test
 
 DPI = 150
 
@@ -31,7 +31,7 @@ def _palette(methods) -> dict:
     known = {m: colors[i] for i, m in enumerate(METHOD_ORDER)}
     extra = [m for m in methods if m not in known]
     known.update({m: colors[len(METHOD_ORDER) + i % 4] for i, m in enumerate(extra)})
-    return {method_name(m): known[m] for m in methods}
+    return {method_label(m): known[m] for m in methods}
 
 
 def _ordered_methods(methods) -> list[str]:
@@ -52,8 +52,8 @@ def plot_bars(runs: pd.DataFrame, out_png: str | Path | None = None,
     one standard deviation, and each seed's value as a dot."""
     import seaborn as sns  # here: seaborn takes seconds to import, training curves do not need it
     methods = _ordered_methods(runs["method"])
-    data = runs.assign(Method=runs["method"].map(method_name), Dataset=runs["dataset"])
-    order = [method_name(m) for m in methods]
+    data = runs.assign(Method=runs["method"].map(method_label), Dataset=runs["dataset"])
+    order = [method_label(m) for m in methods]
     palette = _palette(methods)
     datasets = ordered_datasets(data["Dataset"])
     width = max(4.5, 1.5 + 0.45 * len(datasets) * len(methods))
@@ -111,9 +111,9 @@ def plot_gains(runs: pd.DataFrame, out_png: str | Path | None = None, reference:
                 if not len(diff):
                     continue
                 x = i + (j - (len(methods) - 1) / 2) * slot
-                color = palette[method_name(method)]
+                color = palette[method_label(method)]
                 ax.scatter(np.full(len(diff), x), diff, color=color, edgecolor="black", linewidth=0.5,
-                           s=22, zorder=3, label=None if method in labelled else method_name(method))
+                           s=22, zorder=3, label=None if method in labelled else method_label(method))
                 labelled.add(method)
                 std = diff.std(ddof=1) if len(diff) > 1 else 0.0
                 ax.errorbar(x + slot * 0.25, diff.mean(), yerr=std, fmt="D", color=color, capsize=4,
@@ -127,7 +127,7 @@ def plot_gains(runs: pd.DataFrame, out_png: str | Path | None = None, reference:
         ax.set_xticks(range(len(datasets)), datasets)
         ax.set_xlim(-0.6, len(datasets) - 0.4)
         ax.set_xlabel("Data set")
-        ax.set_ylabel(f"Δ {METRIC_NAMES[metric]} vs {method_name(reference)} (pp)")
+        ax.set_ylabel(f"Δ {METRIC_NAMES[metric]} vs {method_label(reference)} (pp)")
         ax.set_title(f"Gain in {METRIC_NAMES[metric]}, paired by seed")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -156,9 +156,9 @@ def plot_cmc(runs: pd.DataFrame, out_png: str | Path | None = None, max_rank: in
             cmc = 100 * np.array([c[:length] for c in curves], dtype=float)
             ranks = np.arange(1, length + 1)
             mean = cmc.mean(0)
-            color = palette[method_name(method)]
+            color = palette[method_label(method)]
             ax.plot(ranks, mean, marker="o", markersize=3, color=color,
-                    label=f"{method_name(method)} (n={len(curves)})")
+                    label=f"{method_label(method)} (n={len(curves)})")
             if len(curves) > 1:
                 std = cmc.std(0, ddof=1)
                 ax.fill_between(ranks, mean - std, np.minimum(100, mean + std), color=color, alpha=0.2)

@@ -110,9 +110,9 @@ def retrieval_figure(models: dict, dataset, query_indices, out_png: str | Path |
     """Each chosen query's top-``top`` matches in the whole gallery, one row per (query, model),
     so the models' rankings of a query sit next to each other. ``models``: name -> (model, cfg);
     ``dataset``: a loaded data set (``.query``, ``.gallery``)."""
+    from ..eval.distance import compute_distance
     from ..eval.extract import extract_features
-    from ..eval.metrics import compute_distance
-    from .tables import method_name
+    from .tables import method_label
     queries = [dataset.query[i] for i in query_indices]
     g_paths = [path for path, _, _ in dataset.gallery]
     ranked = {}
@@ -127,7 +127,7 @@ def retrieval_figure(models: dict, dataset, query_indices, out_png: str | Path |
         for name in models:
             order, flags = ranked[name][i]
             rows.append({"query": path, "gallery": [g_paths[j] for j in order], "correct": flags,
-                         "label": method_name(name).replace(" (", "\n("),
+                         "label": method_label(name).replace(" (", "\n("),
                          "query_caption": f"id {pid}, cam {cam}",
                          "captions": [f"id {dataset.gallery[j][1]}, cam {dataset.gallery[j][2]}" for j in order]})
     return retrieval_rows(rows, out_png, title or f"Top-{top} retrieval ({dataset.name})")

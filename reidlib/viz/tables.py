@@ -45,7 +45,7 @@ TEST_NOTE = (
     "handful of seeds these tests have little power: a p above 0.05 does not show the methods equal.")
 
 
-def method_name(method: str) -> str:
+def method_label(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
@@ -232,7 +232,7 @@ def methods_table(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rank1", "r
     """Every (dataset, method) with its seeds and mean ± std of each metric (%)."""
     rows = []
     for _, r in summary.iterrows():
-        row = {"Dataset": r["dataset"], "Method": method_name(r["method"]), "Seeds": r["seeds"]}
+        row = {"Dataset": r["dataset"], "Method": method_label(r["method"]), "Seeds": r["seeds"]}
         for m in metrics:
             if f"{m}_mean" in r:
                 row[f"{METRIC_NAMES[m]} (%)"] = mean_std(r[f"{m}_mean"], r[f"{m}_std"])
@@ -262,7 +262,7 @@ def summary_markdown(summary: pd.DataFrame, reference: str = "baseline",
         table = comparison_table(summary, method, reference)
         if table.empty:
             continue
-        parts += [f"## {method_name(method)} vs {method_name(reference)}", "",
+        parts += [f"## {method_label(method)} vs {method_label(reference)}", "",
                   f"Seeds: {SHORT_NAMES.get(reference, reference)} / "
                   f"{SHORT_NAMES.get(method, method)} runs. Δ: gain in percentage points "
                   "± std of the per-seed gains (p: paired t-test across seeds).", "",

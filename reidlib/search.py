@@ -9,37 +9,18 @@ Example::
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..engine.trainer import load_trained_model
-from .extract import _local_runtime, extract_features
-from .metrics import compute_distance
+from .data import list_image_folder, parse_market_name
+from .eval.distance import compute_distance
+from .eval.extract import extract_features
+from .model.io import load_trained_model
+from .runtime import local_runtime
 
 log = logging.getLogger("reidlib")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-
-
-def list_images(folder: str | Path) -> list[tuple[str, int, int]]:
-    """Every image under ``folder`` (sorted) as (path, pid, camid); pid/camid are read from
-    Market-style names (``0002_c1s1_...``, camera made 0-based) and are -1 otherwise."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}; pass images=DIR (a folder of .jpg/.png files)")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"no images (.jpg, .jpeg, .png, .bmp, .webp) under {folder}")
-    items = []
-    for p in paths:
-        match = MARKET_NAME.match(p.name)
-        pid, cam = (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
-        items.append((str(p), pid, cam))
-    return items
 
 
 def _require_weights(cfg) -> None:
@@ -51,7 +32,7 @@ def _require_weights(cfg) -> None:
 
 
 def _model_for(cfg):
-    runtime = _local_runtime(cfg)
+    runtime = local_runtime(cfg.device, cfg.precision)
     model, _ = load_trained_model(cfg.test.weights, cfg, device=runtime.device)
     return model, runtime
 
@@ -60,7 +41,7 @@ def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:
     """Encode every image under ``images`` and write ``out`` (.npz: features [N, D] float32, paths,
     pids, camids). Unreadable images are skipped and counted."""
     _require_weights(cfg)
-    items = list_images(images)
+    items = list_image_folder(images)
     model, runtime = _model_for(cfg)
     feats, pids, camids, kept = extract_features(model, items, cfg, runtime, desc="extract",
                                                  return_kept=True)
@@ -78,10 +59,11 @@ def _gallery(cfg, model, runtime, gallery: str | Path):
     gallery = Path(gallery)
     if gallery.suffix == ".npz":
         if not gallery.is_file():
-            raise FileNotFoundError(f"gallery features not found: {gallery}; make them with `python -m reidlib extract`")
+            raise FileNotFoundError(f"gallery features not found: {gallery}; "
+                                    "make them with `python -m reidlib extract`")
         data = np.load(gallery)
         return torch.from_numpy(data["features"]), list(data["paths"]), data["pids"], data["camids"]
-    items = list_images(gallery)
+    items = list_image_folder(gallery)
     feats, pids, camids, kept = extract_features(model, items, cfg, runtime, desc="gallery",
                                                  return_kept=True)
     paths = [p for (p, _, _), k in zip(items, kept.tolist()) if k]
@@ -97,8 +79,8 @@ def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
     if not query.is_file():
         raise FileNotFoundError(f"query image not found: {query}")
     model, runtime = _model_for(cfg)
-    match = MARKET_NAME.match(query.name)
-    q_item = (str(query), int(match.group(1)) if match else -1, int(match.group(2)) - 1 if match else -1)
+    q_pid, q_cam = parse_market_name(query.name) or (-1, 0)
+    q_item = (str(query), q_pid, q_cam - 1)
     qf, _, _ = extract_features(model, [q_item], cfg, runtime, progress=False)
     if len(qf) == 0:
         raise ValueError(f"cannot read the query image {query}")
@@ -113,7 +95,7 @@ def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
     for rank, (path, d) in enumerate(ranked, 1):
         print(f"{rank:3d}  {d:.4f}  {path}")
     if grid:
-        from ..viz.retrieval import retrieval_grid
+        from .viz.retrieval import retrieval_grid  # here: matplotlib takes a second to import
         correct = [int(g_pids[i]) == q_item[1] for i in order] if q_item[1] >= 0 else None
         retrieval_grid(str(query), [p for p, _ in ranked], correct, grid, title=f"query {query.name}",
                        top=top, captions=[f"{d:.3f}" for _, d in ranked], close=True)

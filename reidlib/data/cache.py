@@ -1,0 +1,160 @@
+"""Training images on the device: a decoded-image cache, and the P x K batches of an epoch.
+
+On CUDA every training image is decoded once into a uint8 tensor on the GPU
+(:class:`TrainImageCache`), shared by stage 1's feature cache and stage 2's augmentation, which
+then runs on the device (:func:`~reidlib.data.transforms.gpu_train_augment`). Elsewhere
+:class:`TrainBatches` reads the same P x K batches through a DataLoader.
+
+Example::
+
+    cache = make_image_cache(dataset, cfg, runtime)          # None on the CPU
+    batches = TrainBatches(dataset, cfg, runtime, cache)
+    for images, pids, camids in batches.epoch(0):
+        ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from torch.utils.data import DataLoader
+
+from ..runtime import Runtime, epoch_seed
+from .images import ImageDataset, UnreadableImageError, indices_by_pid, read_image
+from .sampler import DistributedIdentitySampler, RandomIdentitySampler
+from .transforms import build_transforms, gpu_train_augment, interpolation_mode
+
+log = logging.getLogger("reidlib.data")
+
+
+class TrainImageCache:
+    """Every training image decoded once and resized, in one uint8 tensor ``images [N, 3, H, W]``.
+
+    For the GPU path: move the cache to the device once, then index batches out of it and augment
+    them there with :func:`reidlib.data.gpu_train_augment`, so that no image is decoded twice and no
+    DataLoader worker is needed. The resize is PIL's with the configured interpolation, exactly what
+    the train transform's ``Resize`` does, so the two paths start from the same pixels.
+
+    Memory is ``N * 3 * H * W`` bytes: Market-1501's 12,936 train images take 1.27 GB at 256x128 and
+    318 MB at 128x64. Unreadable images are replaced by another image of the same pid (counted in
+    ``num_skipped``). Decoding uses ``num_threads`` threads (PIL releases the GIL while decoding).
+
+    Example::
+
+        cache = TrainImageCache(dataset.train, [256, 128], "bicubic").to("cuda")
+        batch = torch.tensor(indices, device="cuda")
+        images = gpu_train_augment(cache.images[batch], cfg.data)
+        pids, camids = cache.pids[batch], cache.camids[batch]
+    """
+
+    def __init__(self, items, image_size, interpolation: str = "bicubic",
+                 num_threads: int | None = None):
+        self.items = list(items)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.interpolation = interpolation
+        height, width = self.image_size
+        self.images = torch.empty((len(self.items), 3, height, width), dtype=torch.uint8)
+        self.pids = torch.tensor([pid for _, pid, _ in self.items], dtype=torch.long)
+        self.camids = torch.tensor([cam for _, _, cam in self.items], dtype=torch.long)
+        log.info("decoding %d train images into a %.0f MB uint8 cache at %dx%d", len(self.items),
+                 self.images.numel() / 2**20, height, width)
+        self.num_skipped = len(self._decode_all(num_threads or min(8, os.cpu_count() or 1)))
+
+    def _decode_one(self, index: int) -> bool:
+        try:
+            image = read_image(self.items[index][0])
+        except UnreadableImageError as err:
+            log.warning("%s; using another image of the same person", err)
+            return False
+        image = TF.resize(image, list(self.image_size), interpolation=interpolation_mode(self.interpolation))
+        self.images[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return True
+
+    def _decode_all(self, num_threads: int) -> list[int]:
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            ok = list(pool.map(self._decode_one, range(len(self.items))))
+        bad = [i for i, good in enumerate(ok) if not good]
+        groups = indices_by_pid(self.items)
+        for i in bad:
+            donors = [j for j in groups[self.items[i][1]] if ok[j]]
+            if not donors:
+                raise UnreadableImageError(f"{self.items[i][0]}: unreadable, and no other image of "
+                                           f"pid {self.items[i][1]} is readable")
+            self.images[i] = self.images[donors[0]]
+            self.camids[i] = self.camids[donors[0]]
+        return bad
+
+    def to(self, device) -> "TrainImageCache":
+        """Move images, pids and camids to ``device``; returns the cache."""
+        self.images, self.pids, self.camids = (t.to(device) for t in (self.images, self.pids, self.camids))
+        return self
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel()
+
+
+def make_image_cache(dataset, cfg, runtime: Runtime):
+    """On CUDA (and ``data.gpu_augment``): every training image decoded once into a uint8 tensor
+    on the GPU, shared by stage 1's feature cache and stage 2's augmentation; None elsewhere."""
+    if runtime.device.type != "cuda" or not cfg.data.gpu_augment:
+        return None
+    return TrainImageCache(dataset.train, cfg.model.image_size,
+                           interpolation=cfg.data.interpolation).to(runtime.device)
+
+
+class TrainBatches:
+    """P x K batches of augmented training images, from a DataLoader (CPU) or a GPU-resident
+    uint8 cache augmented on the device (CUDA; the data pipeline then costs almost nothing)."""
+
+    def __init__(self, dataset, cfg, runtime: Runtime, image_cache=None):
+        pids = [pid for _, pid, _ in dataset.train]
+        s = cfg.stage2
+        if runtime.distributed:
+            self.sampler = DistributedIdentitySampler(pids, batch_size=s.ims_per_batch,
+                                                      num_instance=s.num_instance, seed=cfg.seed,
+                                                      rank=runtime.rank, world_size=runtime.world_size)
+        else:
+            self.sampler = RandomIdentitySampler(pids, batch_size=s.ims_per_batch,
+                                                 num_instance=s.num_instance, seed=cfg.seed)
+        self.batch_size = s.ims_per_batch // runtime.world_size
+        self.cfg, self.runtime = cfg, runtime
+        self.items = dataset.train
+        self.cache = image_cache
+        if self.cache is not None:
+            self.labels, self.cams = self.cache.pids, self.cache.camids
+        else:
+            self.dataset = ImageDataset(self.items, build_transforms(cfg.data, cfg.model.image_size, train=True))
+
+    def epoch(self, epoch: int):
+        """Yield (images, pids, camids) on the device for one epoch."""
+        self.sampler.set_epoch(epoch)
+        device = self.runtime.device
+        if self.cache is not None:
+            indices = torch.tensor(list(iter(self.sampler)), device=device)
+            generator = torch.Generator(device=device).manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
+            for batch in indices.split(self.batch_size):
+                if len(batch) < self.batch_size:
+                    break
+                images = gpu_train_augment(self.cache.images[batch], self.cfg.data, generator=generator)
+                yield images, self.labels[batch], self.cams[batch]
+            return
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                            num_workers=self.cfg.data.num_workers, drop_last=True, generator=generator,
+                            pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        for images, pids, camids, _ in loader:
+            yield (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
+                   camids.to(device, non_blocking=True))
+
+    def num_batches(self, epoch: int) -> int:
+        self.sampler.set_epoch(epoch)
+        return len(self.sampler) // self.batch_size

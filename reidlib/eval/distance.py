@@ -1,0 +1,157 @@
+"""Query-by-gallery distances, and the input checks that metrics and re-ranking share.
+
+Squared Euclidean or cosine distance, computed chunk by chunk so that Market-size (3,368 x 15,913)
+and MSMT17-size problems stay within a few hundred MiB.
+
+Example:
+    >>> d = compute_distance(torch.randn(3, 8), torch.randn(5, 8))
+    >>> d.shape
+    torch.Size([3, 5])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+METRICS = ("euclidean", "cosine")
+
+# Query rows per chunk are chosen so that one distance block holds about this many elements
+# (128 MiB in float32); two such blocks (distances and their sorted copy) are alive at a time.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """A detached tensor view of ``x`` (NumPy arrays and lists are wrapped without copying)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a tensor or array, got {type(x).__name__}") from err
+
+
+def as_features(x: Any, name: str) -> torch.Tensor:
+    """A 2-D floating-point feature matrix; half precision is widened to float32.
+
+    NaN/inf are caught later from the squared norms (one value per row, no extra full pass).
+    """
+    feats = as_tensor(x, name)
+    if feats.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (num_images x dim), got shape {tuple(feats.shape)}")
+    if feats.dtype != torch.float64:
+        feats = feats.float()
+    return feats
+
+
+def check_finite(squared_norms: torch.Tensor, name: str) -> None:
+    """Squared norms are NaN or inf exactly when a row holds NaN or inf (or overflows)."""
+    if not bool(torch.isfinite(squared_norms).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def resolve_device(device: Any, *arrays: Any) -> torch.device:
+    """The requested device, else the device of the first tensor given, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------------
+
+
+def squared_norms(x: torch.Tensor, dim: int = 1, step: int = 8192) -> torch.Tensor:
+    """``sum(x**2)`` over ``dim`` of a 2-D tensor, in slices of ``step`` along the other dimension
+    so no full-size temporary is made.
+
+    (``vector_norm(x) ** 2`` would round through a square root: exact integer inputs would no
+    longer give exact distances.)
+    """
+    other, length = 1 - dim, x.shape[1 - dim]
+    parts = [x.narrow(other, s, min(step, length - s)).square().sum(dim) for s in range(0, length, step)]
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+class GalleryDistance:
+    """Distances from batches of query features to a fixed gallery, one GEMM per batch.
+
+    Squared Euclidean is ``|q|^2 + |g|^2 - 2 q.g``, clamped at 0 (rounding can make it slightly
+    negative); cosine distance is ``1 - q.g`` on L2-normalised features. The norm and constant
+    terms ride along as extra feature columns, ``[q, |q|^2, 1] . [-2g, 1, |g|^2]``, so the whole
+    distance comes out of a single matrix product with no extra passes over the ``Q x G`` block.
+    """
+
+    def __init__(self, gf: torch.Tensor, metric: str, normalize: bool, names=("qf", "gf")):
+        self.euclidean = metric == "euclidean"
+        self.normalize = normalize or not self.euclidean  # cosine is defined on unit vectors
+        self.names = names
+        dim = gf.shape[1]
+        # Stored transposed and contiguous: the GEMM runs ~25% faster than on a transposed view.
+        self.gallery_t = torch.empty(dim + 1 + self.euclidean, len(gf), dtype=gf.dtype, device=gf.device)
+        body = self.gallery_t[:dim]
+        body.copy_(gf.t())
+        if self.normalize:
+            body.div_(torch.linalg.vector_norm(gf, dim=1).clamp_(min=1e-12))  # as F.normalize
+        sq = squared_norms(body, dim=0)
+        check_finite(sq, names[1])
+        body.mul_(-2 if self.euclidean else -1)
+        self.gallery_t[dim] = 1
+        if self.euclidean:
+            self.gallery_t[dim + 1] = sq
+
+    def _augment(self, qf: torch.Tensor) -> torch.Tensor:
+        q = qf.to(self.gallery_t.device, self.gallery_t.dtype)
+        if self.normalize:
+            q = F.normalize(q, dim=1)
+        sq = squared_norms(q)
+        check_finite(sq, self.names[0])
+        ones = torch.ones(len(q), 1, dtype=q.dtype, device=q.device)
+        return torch.cat([q, sq[:, None], ones] if self.euclidean else [q, ones], 1)
+
+    def __call__(self, qf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Distances of ``qf`` to the gallery, written into ``out`` when given (reused memory
+        avoids page-faulting a fresh block for every chunk)."""
+        dist = torch.mm(self._augment(qf), self.gallery_t, out=out)
+        return dist.clamp_(min=0) if self.euclidean else dist
+
+
+def compute_distance(
+    qf: Any, gf: Any, metric: str = "euclidean", normalize: bool = True, device: Any = None
+) -> torch.Tensor:
+    """Query-by-gallery distance matrix (smaller = closer).
+
+    Args:
+        qf, gf: query and gallery features, ``(Q, D)`` and ``(G, D)``, tensors or arrays.
+        metric: ``"euclidean"`` (squared Euclidean) or ``"cosine"`` (``1 - cos``).
+        normalize: L2-normalise the features first (always done for cosine). On unit vectors the
+            squared Euclidean distance is ``2 - 2 cos``, so both metrics rank identically.
+        device: where to compute; default the device of ``qf``.
+
+    Returns:
+        A ``(Q, G)`` float tensor.
+
+    Example:
+        >>> d = compute_distance(torch.randn(3, 8), torch.randn(5, 8))
+        >>> d.shape
+        torch.Size([3, 5])
+    """
+    check_metric(metric)
+    qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(f"qf has dimension {qf.shape[1]} but gf has dimension {gf.shape[1]}")
+    dev = resolve_device(device, qf)
+    dtype = torch.promote_types(qf.dtype, gf.dtype)
+    return GalleryDistance(gf.to(dev, dtype), metric, normalize)(qf.to(dev, dtype))
