@@ -19,8 +19,9 @@ LOCK := requirements.lock
 # The command that writes requirements.lock; the lock's header repeats it (tests/test_packaging.py checks).
 LOCK_CMD := uv pip compile pyproject.toml --extra dev -c constraints.txt --universal --python-version 3.11 -o requirements.lock
 LOCK_ARGS ?=
-# The lock's packages that only torch/torchvision need: TORCH=system keeps the system's own.
-TORCH_ONLY := torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|sympy|mpmath|networkx|setuptools
+# The lock's packages that only torch/torchvision need: TORCH=system keeps the system's own. (sympy and
+# mpmath are not among them: the ONNX exporter's onnx-ir needs them too.)
+TORCH_ONLY := torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|networkx|setuptools
 DEMO_ARGS ?=
 
 .PHONY: demo test install lock bench clean-demo

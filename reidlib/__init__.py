@@ -16,7 +16,8 @@ from .config import Config, help_text, load_config, method_config
 __version__ = "0.1.0"
 
 __all__ = ["Config", "load_config", "method_config", "help_text", "build_model", "load_dataset",
-           "train", "test", "evaluate", "rerank", "extract_features", "load_trained_model"]
+           "train", "test", "evaluate", "rerank", "extract_features", "load_trained_model", "FeatureExtractor",
+           "export_model", "build_miniature"]
 
 
 def __getattr__(name):
@@ -31,12 +32,21 @@ def __getattr__(name):
     if name in ("train", "test"):
         from .engine import trainer
         return getattr(trainer, name)
+    if name == "build_miniature":
+        from .engine.pretrain import build_miniature
+        return build_miniature
     if name == "load_trained_model":
         from .model.io import load_trained_model
         return load_trained_model
     if name in ("evaluate", "rerank"):
         from . import eval as evaluation
         return getattr(evaluation, name)
+    if name == "FeatureExtractor":
+        from .eval.extractor import FeatureExtractor
+        return FeatureExtractor
+    if name == "export_model":
+        from .export import export_model
+        return export_model
     if name == "extract_features":
         from .eval.extract import extract_features
         return extract_features

@@ -4,10 +4,17 @@
     test    CONFIG weights=PATH [key=value ...]             evaluate a trained model
     extract CONFIG weights=PATH images=DIR out=feats.npz    features of a folder of images
     search  CONFIG weights=PATH query=IMG gallery=DIR|feats.npz [top=10] [grid=PNG]
+    convert IN OUT [config=CONFIG] [key=value ...]          a reference state dict -> a reidlib checkpoint
+    export  weights=PATH format=onnx|torchscript out=FILE [half=true] [config=CONFIG]
+    info    weights=PATH [config=CONFIG]                    the model card (a reference file: what was detected)
     sweep   --datasets ... --methods ... --seeds ...        papermill runs of notebooks/train_eval.ipynb
     demo                                                    generated data -> baseline vs proposed -> table
+    pretrain [--steps N ...]                                the miniature CLIP for the demo (cached by recipe)
 
 CONFIG is a YAML path or a shipped config name (vit_clipreid, vit_proposed, rn50_clipreid, tiny).
+weights= takes a reidlib checkpoint or a state dict of the CLIP-ReID reference code; convert, export
+and info use the checkpoint's own config (a reference file: vit_clipreid or rn50_clipreid) unless
+config= names one.
 Under torchrun, ``torchrun --nproc_per_node N -m reidlib train ...`` trains with DDP.
 """
 from __future__ import annotations
@@ -18,10 +25,13 @@ import sys
 
 from .config import help_text, load_config
 
-COMMANDS = ("train", "test", "extract", "search", "sweep", "demo")
+COMMANDS = ("train", "test", "extract", "search", "sweep", "demo", "convert", "export", "info", "pretrain")
 # Command arguments that are not config keys, and the config keys some of them stand for.
 ALIASES = {"weights": "test.weights"}
-COMMAND_ARGS = {"extract": ("images", "out"), "search": ("query", "gallery", "top", "grid")}
+COMMAND_ARGS = {"extract": ("images", "out"), "search": ("query", "gallery", "top", "grid"),
+                "convert": ("config",), "export": ("format", "out", "half", "config"), "info": ("config",)}
+# Commands about one weights file: CONFIG is optional (config=NAME), the file's own by default.
+WEIGHTS_COMMANDS = ("convert", "export", "info")
 
 
 def _usage() -> str:
@@ -52,6 +62,17 @@ def _require(extra: dict, command: str, *keys: str) -> None:
         raise SystemExit(f"reidlib {command}: missing {', '.join(k + '=...' for k in missing)}")
 
 
+def _top(text: str) -> int:
+    """``top=N`` of search: a positive integer."""
+    try:
+        top = int(text)
+    except ValueError:
+        top = 0
+    if top < 1:
+        raise ValueError(f"top={text}: must be a positive number of results, e.g. top=10")
+    return top
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input (a missing file, an unknown key, a bad value) ends in one line on
     stderr and exit status 2 (REIDLIB_DEBUG=1 shows the traceback)."""
@@ -80,9 +101,14 @@ def _main(argv: list[str] | None = None) -> int:
     if command == "demo":
         from .demo import main as demo_main
         return demo_main(rest)
+    if command == "pretrain":
+        from .engine.pretrain import main as pretrain_main
+        return pretrain_main(rest)
     if "-h" in rest or "--help" in rest:
         print(_usage())
         return 0
+    if command in WEIGHTS_COMMANDS:
+        return _weights_command(command, rest)
     config, overrides, extra = split_arguments(command, rest)
     if config is None:
         raise SystemExit(f"reidlib {command}: give a CONFIG (a YAML path or a shipped name, e.g. vit_clipreid)")
@@ -101,9 +127,53 @@ def _main(argv: list[str] | None = None) -> int:
     elif command == "search":
         _require(extra, command, "query", "gallery")
         from .search import search
-        search(cfg, extra["query"], extra["gallery"], top=int(extra.get("top", 10)),
+        search(cfg, extra["query"], extra["gallery"], top=_top(extra.get("top", "10")),
                grid=extra.get("grid", "retrieval.png"))
     return 0
+
+
+def _weights_command(command: str, rest: list[str]) -> int:
+    """convert, export, info: one weights file, its own config unless config= names another."""
+    positional = [arg for arg in rest if "=" not in arg]
+    _, overrides, extra = split_arguments(command, [arg for arg in rest if "=" in arg])
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("test.weights=")]
+    overrides = [o for o in overrides if not o.startswith("test.weights=")]
+    if command == "convert":
+        if len(positional) != 2 or given:
+            raise SystemExit("reidlib convert: give IN OUT (the weights to read, the reidlib checkpoint to write)")
+        weights = positional[0]
+    elif positional or not given:
+        raise SystemExit(f"reidlib {command}: give weights=PATH" + (f", not '{positional[0]}'" if positional else ""))
+    else:
+        weights = given[0]
+    from .model.io import weights_config
+    cfg = load_config(extra["config"], overrides) if "config" in extra else weights_config(weights, overrides)
+    if command == "convert":
+        from .model.io import convert_weights
+        named = any(o.startswith("data.dataset=") for o in overrides) or "config" in extra
+        convert_weights(weights, positional[1], cfg, dataset=cfg.data.dataset if named else None)
+    elif command == "export":
+        _require(extra, command, "out")
+        from .export import export_model
+        half = extra.get("half", "false").lower()
+        if half not in ("true", "false"):
+            raise ValueError(f"half={extra['half']}: use true or false")
+        export_model(weights, extra["out"], format=extra.get("format", "onnx"), half=half == "true", cfg=cfg)
+    else:
+        _print_card(weights, cfg)
+    return 0
+
+
+def _print_card(weights: str, cfg) -> None:
+    import json
+
+    import yaml
+
+    from .model.io import describe_weights
+    card = describe_weights(weights, cfg)
+    if isinstance(card.get("metrics"), dict):   # the CMC curve is 50 numbers: rank-1/5/10 are listed anyway
+        card["metrics"] = {k: v for k, v in card["metrics"].items() if k != "cmc"}
+    print(yaml.safe_dump(json.loads(json.dumps(card, default=str)), sort_keys=False, allow_unicode=True), end="")
 
 
 if __name__ == "__main__":

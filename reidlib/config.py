@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import difflib
 import fnmatch
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
@@ -47,7 +48,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name: str = opt("ViT-B-16", "open_clip architecture (ViT-B-16, RN50) or a reidlib test config (vit-tiny, vit-tiny8, rn-tiny)")
-    pretrained: str = opt("openai", "weights: 'openai' (open_clip tag, needs network once), a local file (OpenAI .pt JIT/state dict, open_clip checkpoint), or 'none' (random init)")
+    pretrained: str = opt("openai", "weights: 'openai' (open_clip tag, needs network once), a local file (OpenAI .pt JIT/state dict, open_clip checkpoint), 'none' (random init), or a trained re-ID checkpoint (reidlib's or the CLIP-ReID reference's) to fine-tune from: its encoders are taken, classifiers and per-identity prompts start afresh")
     quick_gelu: str = opt("auto", "QuickGELU activations: auto (on for OpenAI weights, which were trained with it) | true | false")
     image_size: list = opt([256, 128], "input height, width")
     stride: int = opt(0, "patch-embedding stride; 0 = the patch size (16 for ViT-B/16); 12 gives overlapping patches (OLP)")
@@ -66,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("market1501", "market1501 | dukemtmc | msmt17 | iust | occ_duke | folder")
+    dataset: str = opt("market1501", "market1501 | dukemtmc | msmt17 | iust | occ_duke | folder | synth (the generated set)")
     root: str = opt("data", "folder that holds the data set (its usual nesting is found automatically)")
     num_workers: int = opt(4, "DataLoader worker processes (0 = main process)")
     padding: int = opt(10, "zero padding before the random crop")
@@ -117,7 +118,7 @@ class Stage2Config:
 
 @dataclass
 class TestConfig:
-    weights: str = opt("", "checkpoint to evaluate or extract with (python -m reidlib test/extract)")
+    weights: str = opt("", "weights to evaluate or extract with (python -m reidlib test/extract/search): a reidlib checkpoint or a CLIP-ReID reference state dict")
     feat_norm: bool = opt(True, "L2-normalise features before the distance")
     metric: str = opt("euclidean", "euclidean (squared) | cosine")
     batch_size: int = opt(128, "images per inference batch")
@@ -127,6 +128,8 @@ class TestConfig:
     k2: int = opt(6, "re-ranking k2")
     lambda_value: float = opt(0.3, "re-ranking weight of the original distance")
     max_rank: int = opt(50, "length of the CMC curve")
+    precision: str = opt("fp32", "feature extraction: fp32 (as the reference) | bf16 (autocast) | auto (bf16 on CUDA, fp32 on CPU); training keeps the top-level precision")
+    default_camera: int = opt(-1, "with a model trained with SIE: the 0-based camera id of images that have none (names not Market-style); -1 makes such images an error")
 
 
 @dataclass
@@ -139,7 +142,7 @@ class Config:
     seed: int = opt(1234, "seed for python, numpy, torch and the samplers")
     output_dir: str = opt("results/runs/default", "run folder: resolved config, checkpoints, metrics.jsonl, metrics.json")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    precision: str = opt("auto", "training: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32 (test features: test.precision)")
     compile: bool = opt(False, "torch.compile the image encoder (CUDA)")
     resume: str = opt("auto", "auto (continue from the run folder's latest checkpoint) | none | PATH")
     stage1_weights: str = opt("", "skip stage 1 and load its prompts from this checkpoint")
@@ -227,8 +230,9 @@ def _same(a, b) -> bool:
 _ABSENT = object()
 
 
-def config_diff(saved: dict, current: dict, ignore=()) -> list[str]:
-    """Dotted keys whose values differ, as ``"key: <saved> (checkpoint) != <current> (current)"``.
+def config_diff(saved: dict, current: dict, ignore=(), names=("checkpoint", "current")) -> list[str]:
+    """Dotted keys whose values differ, as ``"key: <saved> (checkpoint) != <current> (current)"``
+    (``names`` replaces the two words in brackets).
 
     >>> config_diff({"stage1": {"lr": 1, "epochs": 2}}, {"stage1": {"lr": 1, "epochs": 3}, "seed": 0})
     ['seed: <absent> (checkpoint) != 0 (current)', 'stage1.epochs: 2 (checkpoint) != 3 (current)']
@@ -239,7 +243,7 @@ def config_diff(saved: dict, current: dict, ignore=()) -> list[str]:
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if not _ignored(key, ignore) and (va is _ABSENT or vb is _ABSENT or not _same(va, vb)):
-            out.append(f"{key}: {show(va)} (checkpoint) != {show(vb)} (current)")
+            out.append(f"{key}: {show(va)} ({names[0]}) != {show(vb)} ({names[1]})")
     return out
 
 
@@ -271,45 +275,67 @@ def _unknown_key_error(key: str, valid: list[str], where: str) -> KeyError:
     return KeyError(f"unknown config key '{key}' in {where}{hint}")
 
 
+def _parse_text(text: str, origin, key: str) -> Any:
+    """A command-line or YAML string as the Python value it spells (true, 3, 1e-4, [1, 2], ...)."""
+    if origin is bool:
+        low = text.lower()
+        if low in ("true", "yes", "1", "on"):
+            return True
+        if low in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"config key '{key}' wants true/false, got '{text}'")
+    if origin in (int, float):
+        try:
+            return int(text)  # exact, also beyond float's 2**53
+        except ValueError:
+            pass
+        try:
+            return float(text)  # YAML 1.1 reads '5e-06' as a string; _coerce checks ints
+        except ValueError:
+            wants = "an integer" if origin is int else "a number"
+            raise ValueError(f"config key '{key}' wants {wants}, got '{text}'") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"config key '{key}': cannot parse '{text}'") from err
+
+
 def _coerce(value: Any, typ, key: str) -> Any:
-    """Convert a YAML or command-line value to the declared type, with a clear error."""
+    """Convert a YAML or command-line value to the declared type, with a clear error.
+
+    Ints stay ints (``2.0`` is 2, ``1.5`` is an error, never truncated), a bool is no number, and
+    the elements of a list key are converted to its :data:`LIST_ITEMS` type one by one.
+
+    >>> _coerce("[64, 32]", list, "model.image_size")
+    [64, 32]
+    >>> _coerce("1.5", int, "stage2.epochs")
+    Traceback (most recent call last):
+    ValueError: config key 'stage2.epochs' wants an integer, got 1.5
+    """
     origin = get_origin(typ) or typ
     if isinstance(value, str) and origin is not str:
-        text = value.strip()
-        if origin is bool:
-            low = text.lower()
-            if low in ("true", "yes", "1", "on"):
-                return True
-            if low in ("false", "no", "0", "off"):
-                return False
-            raise ValueError(f"config key '{key}' wants true/false, got '{value}'")
-        if origin in (int, float):
-            try:
-                number = float(text)  # YAML 1.1 reads '5e-06' as a string
-                return int(number) if origin is int and number.is_integer() else number
-            except ValueError:
-                raise ValueError(f"config key '{key}' wants a number, got '{value}'") from None
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError) as err:
-                raise ValueError(f"config key '{key}': cannot parse '{value}'") from err
-    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if origin is int and isinstance(value, float) and value.is_integer():
+        value = _parse_text(value.strip(), origin, key)
+    if origin in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"config key '{key}' wants {'an integer' if origin is int else 'a number'}, got {value!r}")
+    if origin is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"config key '{key}' wants an integer, got {value!r}")
         return int(value)
+    if origin is float:
+        return float(value)
     if origin is str and isinstance(value, bool):
         return "true" if value else "false"
     if origin is str and value is not None and not isinstance(value, str):
         return str(value)
-    if origin is list and isinstance(value, (tuple, list)):
-        return list(value)
-    if origin is list and not isinstance(value, list):
-        return [value]
-    if origin in (int, float, bool, str, list) and not isinstance(value, origin):
-        raise ValueError(f"config key '{key}' wants {origin.__name__}, got {value!r}")
+    if origin is list:
+        items = list(value) if isinstance(value, (tuple, list)) else [value]
+        item_type = LIST_ITEMS.get(key)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(items)] if item_type else items
+    if origin is bool and not isinstance(value, bool):
+        raise ValueError(f"config key '{key}' wants true/false, got {value!r}")
     return value
 
 
@@ -381,21 +407,104 @@ def config_from_dict(tree: dict) -> Config:
     return cfg
 
 
+# --------------------------------------------------------------------------- value checks
+
+# Element type of each list key; _coerce converts and checks the elements one by one.
+LIST_ITEMS: dict[str, type] = {
+    "model.image_size": int, "model.lora.targets": str, "data.pixel_mean": float,
+    "data.pixel_std": float, "stage2.steps": int,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A range check: ``ok(value)`` must hold; ``wants`` says what a valid value is."""
+    ok: Any
+    wants: str
+
+
+_COUNT = Rule(lambda v: v >= 1, "a positive integer")
+_NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
+_POSITIVE = Rule(lambda v: v > 0, "> 0")
+_PERIOD = Rule(lambda v: v >= 0, ">= 0 (0 = at the end only)")
+_PROBABILITY = Rule(lambda v: 0 <= v <= 1, "in [0, 1]")
+_BELOW_ONE = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
+
+# Range of every numeric key (fnmatch patterns; the first match applies). NaN fails every rule.
+RANGES: dict[str, Rule] = {
+    "model.image_size": Rule(lambda v: len(v) == 2 and all(x >= 1 for x in v),
+                             "two positive integers [height, width], e.g. [256, 128]"),
+    "model.stride": Rule(lambda v: v >= 0, ">= 0 (0 = the patch size)"),
+    "model.n_shared": _NON_NEGATIVE, "model.n_per_id": _NON_NEGATIVE, "model.depth": _COUNT,
+    "model.text_chunk": _COUNT, "model.lora.r": _COUNT, "model.lora.alpha": _POSITIVE,
+    "model.lora.dropout": _BELOW_ONE, "model.lora.lr": _POSITIVE,
+    "data.num_workers": Rule(lambda v: v >= 0, ">= 0 (0 = the main process)"), "data.padding": _NON_NEGATIVE,
+    "data.flip_prob": _PROBABILITY, "data.erase_prob": _PROBABILITY,
+    "data.pixel_mean": Rule(lambda v: len(v) == 3 and all(math.isfinite(x) for x in v), "three numbers (R, G, B)"),
+    "data.pixel_std": Rule(lambda v: len(v) == 3 and all(x > 0 for x in v), "three positive numbers (R, G, B)"),
+    "stage1.lr": _POSITIVE, "stage1.warmup_lr": _NON_NEGATIVE, "stage1.min_lr": _NON_NEGATIVE,
+    "stage2.lr": _POSITIVE, "stage2.bias_lr_factor": _POSITIVE, "stage2.gamma": _POSITIVE,
+    "stage2.warmup_factor": Rule(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "stage2.steps": Rule(lambda v: all(x >= 1 for x in v) and v == sorted(set(v)),
+                         "increasing positive epochs, e.g. [30, 50]"),
+    "stage2.ims_per_batch": _COUNT, "stage2.num_instance": _COUNT,
+    "stage2.label_smoothing": _BELOW_ONE, "stage2.margin": _NON_NEGATIVE, "stage2.*_weight": _NON_NEGATIVE,
+    "stage*.epochs": _COUNT, "*.batch_size": _COUNT, "stage*.log_period": _COUNT,
+    "stage*.checkpoint_period": _PERIOD, "stage2.eval_period": _PERIOD,
+    "stage*.warmup_epochs": _NON_NEGATIVE, "stage*.weight_decay*": _NON_NEGATIVE,
+    "test.k1": _COUNT, "test.k2": _COUNT, "test.lambda_value": _PROBABILITY, "test.max_rank": _COUNT,
+    "test.default_camera": Rule(lambda v: v >= -1, "a 0-based camera id, or -1 for none"),
+    "seed": _NON_NEGATIVE,
+}
+
+# Keys that take one of a few words.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.neck_feat": ("before", "after"), "model.prompt": ("clipreid", "deep"),
+    "model.quick_gelu": ("auto", "true", "false"), "test.metric": ("euclidean", "cosine"),
+    "precision": ("auto", "bf16", "fp32"), "test.precision": ("auto", "bf16", "fp32"),
+}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def range_errors(cfg: Config) -> list[str]:
+    """One message per key whose value is out of range or not one of its choices.
+
+    >>> cfg = Config()
+    >>> cfg.stage1.batch_size = 0
+    >>> range_errors(cfg)
+    ['stage1.batch_size=0 is out of range: it must be a positive integer (default 64)']
+    """
+    keys = all_keys()
+    errors = []
+    for key in keys:
+        value, default = _value(cfg, key), keys[key][2]
+        rule = next((r for pattern, r in RANGES.items() if fnmatch.fnmatchcase(key, pattern)), None)
+        if rule is not None and not rule.ok(value):
+            errors.append(f"{key}={value!r} is out of range: it must be {rule.wants} (default {default!r})")
+        if key in CHOICES and value not in CHOICES[key]:
+            errors.append(f"{key}={value!r}: must be one of {', '.join(CHOICES[key])} (default {default!r})")
+    return errors
+
+
 def validate(cfg: Config) -> None:
-    """Cross-key checks with one-line messages."""
+    """Range checks of every key (:data:`RANGES`, :data:`CHOICES`) and cross-key checks, with
+    one-line messages that name the key; raises ValueError on the first failure."""
+    errors = range_errors(cfg)
+    s = cfg.stage2
     checks = [
-        (cfg.model.neck_feat in ("before", "after"), "model.neck_feat must be 'before' or 'after'"),
-        (cfg.model.prompt in ("clipreid", "deep"), "model.prompt must be 'clipreid' or 'deep'"),
-        (cfg.model.quick_gelu in ("auto", "true", "false"), "model.quick_gelu must be auto, true or false"),
-        (cfg.model.depth >= 1, "model.depth must be >= 1 (1 = prompts at the input only)"),
         (cfg.model.n_shared + cfg.model.n_per_id >= 1, "model.n_shared + model.n_per_id must be >= 1"),
-        (cfg.test.metric in ("euclidean", "cosine"), "test.metric must be 'euclidean' or 'cosine'"),
-        (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
-        (cfg.stage2.ims_per_batch % cfg.stage2.num_instance == 0,
-         "stage2.ims_per_batch must be a multiple of stage2.num_instance"),
+        (s.num_instance < 1 or s.ims_per_batch % s.num_instance == 0,
+         f"stage2.ims_per_batch={s.ims_per_batch} must be a multiple of stage2.num_instance={s.num_instance} "
+         f"(P identities x K images), e.g. {max(1, round(s.ims_per_batch / max(s.num_instance, 1))) * s.num_instance}"),
         (set(cfg.model.lora.targets) <= {"q", "k", "v", "out", "mlp"},
          "model.lora.targets may hold only q, k, v, out, mlp"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    errors += [message for ok, message in checks if not ok]
+    if errors:
+        raise ValueError(errors[0])

@@ -64,6 +64,27 @@ def stage1_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor,
         supcon_loss(txt_feats, img_feats, labels, labels)
 
 
+# --------------------------------------------------------------------------- pretraining
+
+def clip_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss (Radford et al., ICML 2021): row i's caption is the
+    positive of image i and every other caption in the batch a negative, and the other way round.
+
+    Features are L2-normalised here; ``logit_scale`` is the log of the inverse temperature (a
+    learnable scalar in CLIP). The loss is the mean of the image->text and text->image
+    cross-entropies of the scaled cosine similarities.
+
+    >>> x = torch.tensor([[1., 0.], [0., 1.]])
+    >>> round(clip_loss(x, x, torch.tensor(0.)).item(), 4)      # temperature 1: log(1 + e^-1)
+    0.3133
+    """
+    with _fp32(img_feats):
+        img, txt = F.normalize(img_feats.float(), dim=-1), F.normalize(txt_feats.float(), dim=-1)
+        logits = logit_scale.float().exp() * img @ txt.T
+        targets = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 # --------------------------------------------------------------------------- stage 2
 
 def cross_entropy_ls(logits: torch.Tensor, targets: torch.Tensor,

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .files import check_writable
+
 log = logging.getLogger("reidlib")
 
 
@@ -95,7 +97,7 @@ def setup_runtime(cfg) -> Runtime:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     output_dir = Path(cfg.output_dir)
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(output_dir)  # creates it; fails now, naming output_dir, not after training
     runtime = Runtime(device=device, amp_dtype=pick_amp_dtype(cfg.precision, device),
                       output_dir=output_dir, rank=rank, world_size=world_size, local_rank=local_rank)
     if device.type == "cuda":

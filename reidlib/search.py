@@ -16,9 +16,7 @@ import torch
 
 from .data import list_image_folder, parse_market_name
 from .eval.distance import compute_distance
-from .eval.extract import extract_features
-from .model.io import load_trained_model
-from .runtime import local_runtime
+from .eval.extractor import FeatureExtractor
 
 log = logging.getLogger("reidlib")
 
@@ -26,15 +24,16 @@ log = logging.getLogger("reidlib")
 def _require_weights(cfg) -> None:
     """Fail before any work when the weights are missing."""
     if not cfg.test.weights:
-        raise ValueError("no weights given: pass weights=PATH (a model_final.pt or checkpoint)")
+        raise ValueError("no weights given: pass weights=PATH (a model_final.pt, checkpoint or reference state dict)")
     if not Path(cfg.test.weights).is_file():
         raise FileNotFoundError(f"weights not found: {cfg.test.weights}; pass weights=PATH to a trained model_final.pt")
 
 
-def _model_for(cfg):
-    runtime = local_runtime(cfg.device, cfg.precision)
-    model, _ = load_trained_model(cfg.test.weights, cfg, device=runtime.device)
-    return model, runtime
+def _extractor_for(cfg) -> FeatureExtractor:
+    default_camera = cfg.test.default_camera if cfg.test.default_camera >= 0 else None
+    return FeatureExtractor(cfg.test.weights, device=cfg.device, precision=cfg.test.precision,
+                            batch_size=cfg.test.batch_size, config=cfg, default_camera=default_camera,
+                            num_workers=cfg.data.num_workers)
 
 
 def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:
@@ -42,9 +41,7 @@ def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:
     pids, camids). Unreadable images are skipped and counted."""
     _require_weights(cfg)
     items = list_image_folder(images)
-    model, runtime = _model_for(cfg)
-    feats, pids, camids, kept = extract_features(model, items, cfg, runtime, desc="extract",
-                                                 return_kept=True)
+    feats, pids, camids, kept = _extractor_for(cfg).extract_items(items, desc="extract")
     paths = np.array([p for (p, _, _), k in zip(items, kept.tolist()) if k])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +52,7 @@ def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _gallery(cfg, model, runtime, gallery: str | Path):
+def _gallery(extractor: FeatureExtractor, gallery: str | Path):
     gallery = Path(gallery)
     if gallery.suffix == ".npz":
         if not gallery.is_file():
@@ -64,8 +61,7 @@ def _gallery(cfg, model, runtime, gallery: str | Path):
         data = np.load(gallery)
         return torch.from_numpy(data["features"]), list(data["paths"]), data["pids"], data["camids"]
     items = list_image_folder(gallery)
-    feats, pids, camids, kept = extract_features(model, items, cfg, runtime, desc="gallery",
-                                                 return_kept=True)
+    feats, pids, camids, kept = extractor.extract_items(items, desc="gallery")
     paths = [p for (p, _, _), k in zip(items, kept.tolist()) if k]
     return feats, paths, pids.numpy(), camids.numpy()
 
@@ -74,17 +70,19 @@ def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
            grid: str | Path | None = "retrieval.png") -> list[tuple[str, float]]:
     """Rank the gallery (a folder or an ``extract`` .npz) for one query image; print the top
     ``top`` and save a retrieval grid (green/red borders when Market-style names give identities)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top={top!r}: must be a positive number of results, e.g. top=10")
     _require_weights(cfg)
     query = Path(query)
     if not query.is_file():
         raise FileNotFoundError(f"query image not found: {query}")
-    model, runtime = _model_for(cfg)
+    extractor = _extractor_for(cfg)
     q_pid, q_cam = parse_market_name(query.name) or (-1, 0)
     q_item = (str(query), q_pid, q_cam - 1)
-    qf, _, _ = extract_features(model, [q_item], cfg, runtime, progress=False)
+    qf, _, _, _ = extractor.extract_items([q_item], desc="query", progress=False)
     if len(qf) == 0:
         raise ValueError(f"cannot read the query image {query}")
-    gf, paths, g_pids, g_cams = _gallery(cfg, model, runtime, gallery)
+    gf, paths, g_pids, g_cams = _gallery(extractor, gallery)
     dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm)[0]
     dist = torch.as_tensor(dist)
     # Same protocol as evaluation: a gallery image of the same person and camera is junk.

@@ -12,10 +12,25 @@ Layout under the results folder::
     runs/compare.ipynb                the executed comparison
     summary.md, summary.csv, figures/ the tables and figures of compare.ipynb
     sweep_failures.log                one entry per failed run
+    superseded/<time>/<dataset>/<method>/seed<k>/   finished runs made with other settings
+    <run folder>/claim.json           the run's owner while it runs (host, pid): see reidlib.claims
+    <run folder>/queued.json, failed.json   waiting to start / the last attempt's error
+    <run folder>/cross_metrics.json   with --cross: the model tested on the sweep's other data sets
+    runs/submitit/                    submitit's job scripts and logs (--launcher slurm | local-submitit)
 
-A run is complete when its ``metrics.json`` exists, so a sweep started again skips what is done
-and continues the rest (a half-trained run resumes from its last checkpoint: ``resume=auto``).
-A failed run is logged and reported at the end; the others still run.
+Where runs execute (reidlib.launch): one after another in this process; ``--jobs N`` worker
+processes (CPU: one thread each); ``--gpus 0,1,..`` workers pinned with CUDA_VISIBLE_DEVICES, and
+``--gpus-per-run K`` runs trained with torchrun over K GPUs; ``--launcher slurm`` one submitit job
+per run. ``python -m reidlib sweep --status RESULTS`` prints every run's state (reidlib.status).
+
+A run is complete when its ``metrics.json`` exists and its resolved ``config.yaml`` equals the
+config the sweep would run now (keys in :data:`REUSE_IGNORE` aside: where things live, how often to
+log or save), so a sweep started again skips what is done and continues the rest (a half-trained
+run resumes from its last checkpoint: ``resume=auto``). A finished run made with other settings is
+never mixed into the table: it is reported with the differing keys, moved to ``superseded/`` and
+run again, or, with ``strict``, the sweep refuses to start. A failed run is logged and reported at
+the end; the others still run. A run is claimed atomically before it starts, so sweeps sharing a
+results folder never run the same combination twice.
 
 From Python::
 
@@ -39,7 +54,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import METHODS, method_config, run_dir
+import yaml
+
+from .claims import claim_run, owner_record, read_claim, release_claim
+from .config import METHODS, config_diff, method_config, run_dir, to_dict
+from .engine.checkpoint import RESUME_IGNORE
+from .launch import LAUNCHERS, gpu_slots, make_executor, train_run, worker_environment
 
 # Shipped inside the package (``notebooks/`` at the top of a clone links here), so an installed
 # reidlib runs the sweep and the demo without a clone.
@@ -48,6 +68,13 @@ TRAIN_NOTEBOOK = NOTEBOOK_DIR / "train_eval.ipynb"
 COMPARE_NOTEBOOK = NOTEBOOK_DIR / "compare.ipynb"
 ATTENTION_NOTEBOOK = NOTEBOOK_DIR / "attention.ipynb"
 FAILURE_LOG = "sweep_failures.log"
+SUPERSEDED = "superseded"
+FAILED_FILE = "failed.json"   # in a run folder: the last attempt's error (removed when a run succeeds)
+QUEUED_FILE = "queued.json"   # in a run folder: a sweep has queued or submitted it (removed at its start)
+
+# Keys a finished run may differ in and still be reused: those a resume may change, except the
+# test settings, which change the reported metrics (only the weights path and the batch size do not).
+REUSE_IGNORE = tuple(k for k in RESUME_IGNORE if k != "test") + ("test.weights", "test.batch_size")
 
 
 # --------------------------------------------------------------------------- one run
@@ -126,12 +153,18 @@ class Run:
         return f"{self.dataset} {self.method} seed {self.seed}"
 
 
+class SupersededRunsError(ValueError):
+    """A strict sweep found finished runs made with other settings."""
+
+
 @dataclass
 class SweepReport:
     results_root: Path
     ran: list[Run] = field(default_factory=list)
     skipped: list[Run] = field(default_factory=list)
     failed: list[tuple[Run, str]] = field(default_factory=list)
+    claimed: list[tuple[Run, str]] = field(default_factory=list)  # run, who holds it (another sweep)
+    superseded: list[tuple[Run, list[str], Path]] = field(default_factory=list)  # run, keys, moved to
     compare_error: str | None = None
     summary: Path | None = None
     seconds: float = 0.0
@@ -142,7 +175,10 @@ class SweepReport:
 
     def format(self) -> str:
         lines = [f"sweep finished in {_duration(self.seconds)}: {len(self.ran)} ran, "
-                 f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed"]
+                 f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed"
+                 + (f", {len(self.claimed)} left to another sweep" if self.claimed else "")]
+        for run, diff, moved in self.superseded:
+            lines.append(f"  {run}: made with other settings ({_keys(diff)}), moved to {moved} and run again")
         if self.failed:
             lines.append(f"failed runs (details in {self.results_root / FAILURE_LOG}):")
             for run, message in self.failed:
@@ -161,6 +197,34 @@ def _count(n: int, noun: str) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _keys(diff: list[str]) -> str:
+    return ", ".join(line.split(":")[0] for line in diff)
+
+
+def finished_run_diff(folder: Path, expected: dict) -> list[str]:
+    """How a finished run's resolved ``config.yaml`` differs from ``expected`` (the config the
+    sweep would run now, as :func:`~reidlib.config.to_dict` gives it), keys in :data:`REUSE_IGNORE`
+    aside; [] when it may be reused."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return ["config.yaml: missing, so the run's settings are unknown"]
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        return [f"config.yaml: unreadable ({type(err).__name__}), so its settings are unknown"]
+    if not isinstance(saved, dict):
+        return ["config.yaml: not a mapping, so its settings are unknown"]
+    return config_diff(saved, expected, REUSE_IGNORE, names=("finished run", "this sweep"))
+
+
+def move_aside(root: Path, run: Run, stamp: str) -> Path:
+    """Move a finished run's folder to ``root/superseded/<stamp>/<dataset>/<method>/seed<k>``."""
+    target = run_dir(root / SUPERSEDED / stamp, run.dataset, run.method, run.seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    run_dir(root, run.dataset, run.method, run.seed).rename(target)
+    return target
 
 
 def _root_for(data_roots, dataset: str) -> str | None:
@@ -183,104 +247,289 @@ def _headline(folder: Path) -> str:
         return "no metrics.json"
 
 
-def _execute_run(notebook, out_nb: Path, params: dict, kernel_name, log_output: bool) -> tuple[str | None, float]:
-    """One run, in the sweep's process or a worker process: (None or the error, seconds)."""
-    folder = Path(params["output_dir"])
-    started = time.time()
+def run_complete(folder: Path, expected: dict, test_on=()) -> bool:
+    """Whether a run needs nothing more: its ``metrics.json`` exists, its config is ``expected``
+    (:func:`finished_run_diff`) and every data set of ``test_on`` is in its cross metrics."""
+    if not (folder / "metrics.json").is_file() or finished_run_diff(folder, expected):
+        return False
+    return not _missing_cross(folder, test_on)
+
+
+def _missing_cross(folder: Path, test_on) -> list[str]:
+    if not test_on:
+        return []
+    from .engine.cross import parse_targets, read_cross  # torch: only when there is a cross evaluation
+    tested = read_cross(folder).get("tested_on", {})
+    return [name for name in parse_targets(test_on) if name not in tested]
+
+
+def train_or_reuse(cfg, dataset=None, nproc: int = 1) -> dict:
+    """What train_eval.ipynb calls: the run's metrics, from its folder when it already finished
+    with this very config (e.g. only its cross-data-set evaluation was missing), else trained, in
+    this process or with torchrun over ``nproc`` processes (:func:`~reidlib.launch.train_run`)."""
+    folder = Path(cfg.output_dir)
+    if (folder / "metrics.json").is_file() and not finished_run_diff(folder, to_dict(cfg)):
+        logging.getLogger("reidlib").info("%s: finished with this config, reusing its metrics.json", folder)
+        return json.loads((folder / "metrics.json").read_text())
+    return train_run(cfg, dataset, nproc)
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Everything a worker (a pool process or a submitit job) needs to execute one run."""
+    run: Run
+    notebook: str
+    out_nb: str
+    params: dict
+    expected: dict
+    lock_root: str
+    kernel_name: str | None = None
+    log_output: bool = False
+    force: bool = False
+
+
+def execute_run(task: RunTask) -> tuple[str, str | None, float]:
+    """Claim the run, execute its notebook, release the claim: (state, error or None, seconds),
+    state one of ``ran``, ``failed``, ``claimed`` (another live sweep holds it; the message says
+    who) and ``complete`` (finished by another sweep since this one looked)."""
+    folder = Path(task.params["output_dir"])
+    claim = claim_run(folder, Path(task.lock_root))
+    if claim is None:
+        return "claimed", describe_claim(read_claim(folder)), 0.0
     try:
-        execute_notebook(notebook, out_nb, params, kernel_name, log_output)
+        (folder / QUEUED_FILE).unlink(missing_ok=True)
+        if not task.force and run_complete(folder, task.expected, task.params.get("test_on")):
+            return "complete", None, 0.0
+        if task.force and (folder / "metrics.json").is_file():  # so that train_or_reuse trains again
+            (folder / "metrics.json").replace(folder / "metrics.previous.json")
+        message, seconds = _run_notebook(task, folder)
+        return ("failed" if message else "ran"), message, seconds
+    finally:
+        release_claim(claim)
+
+
+def describe_claim(record: dict | None) -> str:
+    if not record:
+        return "claimed (owner unknown: its claim file is empty)"
+    job = f", SLURM job {record['slurm_job_id']}" if record.get("slurm_job_id") else ""
+    return f"claimed by pid {record.get('pid')} on {record.get('host')}{job} since {record.get('time')}"
+
+
+def _run_notebook(task: RunTask, folder: Path) -> tuple[str | None, float]:
+    started = time.time()
+    had_metrics = (folder / "metrics.json").is_file()  # a finished run executed for its cross evaluation
+    try:
+        execute_notebook(task.notebook, Path(task.out_nb), task.params, task.kernel_name, task.log_output)
         if not (folder / "metrics.json").is_file():
             raise RuntimeError(f"the notebook finished but wrote no {folder / 'metrics.json'}")
     except Exception as err:  # noqa: BLE001 - any failure of one run is reported, not fatal
-        if (folder / "metrics.json").is_file():  # failed after training: not complete
+        message = error_message(err)
+        if (folder / "metrics.json").is_file() and not had_metrics:  # failed after training: not complete
             (folder / "metrics.json").replace(folder / "metrics.failed.json")
-        return error_message(err), time.time() - started
+        _write_json(folder / FAILED_FILE, {**owner_record(), "error": message, "notebook": task.out_nb})
+        return message, time.time() - started
     (folder / "metrics.failed.json").unlink(missing_ok=True)  # from an earlier, failed attempt
+    (folder / FAILED_FILE).unlink(missing_ok=True)
     return None, time.time() - started
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
+def _init_worker(slots, jobs: int) -> None:
+    """A pool process's start: take a GPU slot (one per worker, kept for its life) and set the
+    environment its notebooks' kernels inherit."""
+    slot = slots.get() if slots is not None else None
+    os.environ.update(worker_environment(slot, jobs))
 
 
 def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Path = "results",
               overrides=None, base_config: str | None = None, device: str = "auto",
               notebook: str | Path = TRAIN_NOTEBOOK, compare_notebook: str | Path | None = COMPARE_NOTEBOOK,
               kernel_name: str | None = None, log_output: bool = False, force: bool = False,
-              jobs: int = 1, echo=print) -> SweepReport:
+              jobs: int | None = 1, strict: bool = False, gpus: str | None = None, gpus_per_run: int = 1,
+              launcher: str = "local", slurm: dict | None = None, cross: bool = False,
+              echo=print) -> SweepReport:
     """Execute ``notebook`` for every (dataset, method, seed) not yet complete, then
     ``compare_notebook`` (None: skip it). ``data_roots`` is one folder for all data sets, a
     dict data set -> folder, or None (the config's ``data.root``). ``force`` reruns complete runs.
-    ``jobs`` > 1 runs that many notebooks at once (separate processes; e.g. CPU runs with one
-    thread each). Returns a :class:`SweepReport`; never raises for a failed run."""
+    A finished run whose config differs from this sweep's is moved to ``superseded/`` and rerun;
+    with ``strict`` the sweep raises :class:`SupersededRunsError` instead, before running anything.
+
+    Where runs execute: ``jobs`` > 1 runs that many notebooks at once in worker processes (on the
+    CPU one thread each unless OMP_NUM_THREADS is set); ``gpus="0,1,2,3"`` pins each worker to
+    ``gpus_per_run`` of them with CUDA_VISIBLE_DEVICES (``jobs`` None: as many workers as groups);
+    ``gpus_per_run`` > 1 trains each run with torchrun. ``launcher="slurm"`` submits each run as a
+    submitit job (``slurm``: partition, time_min, account, cpus_per_run), ``"local-submitit"``
+    runs the jobs as local processes. Each run is claimed before it starts (:mod:`reidlib.claims`),
+    so sweeps sharing a results folder never run a combination twice. ``cross`` also tests each
+    trained model on the sweep's other data sets (``cross_metrics.json`` in the run folder).
+    Returns a :class:`SweepReport`; never raises for a failed run."""
     started = time.time()
     root = Path(results_root)
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher '{launcher}': choose one of {', '.join(LAUNCHERS)}")
+    slots = gpu_slots(gpus, gpus_per_run)
+    jobs = len(slots) if jobs is None and slots else (jobs or 1)
+    if slots and jobs > len(slots):
+        raise ValueError(f"--jobs {jobs} needs {jobs * gpus_per_run} GPUs; --gpus {gpus} gives {len(slots)} "
+                         f"group(s) of {gpus_per_run}: pass --jobs {len(slots)} or more GPUs")
     (root / "runs").mkdir(parents=True, exist_ok=True)
     report = SweepReport(results_root=root)
     runs = [Run(d, m, int(s)) for d in datasets for m in methods for s in seeds]
-    todo = [r for r in runs if force or not (run_dir(root, r.dataset, r.method, r.seed) / "metrics.json").is_file()]
+    folders = {r: run_dir(root, r.dataset, r.method, r.seed) for r in runs}
+    # Every run's config now: a bad override fails here, before anything runs.
+    expected = {r: to_dict(run_config(r.dataset, r.method, r.seed, _root_for(data_roots, r.dataset), overrides,
+                                      base_config, folders[r], device))
+                for r in runs}
+    test_on = {r: _cross_targets(datasets, r.dataset, data_roots) if cross else [] for r in runs}
+    finished = [r for r in runs if (folders[r] / "metrics.json").is_file() and read_claim(folders[r]) is None]
+    differing = {r: d for r in finished if not force for d in [finished_run_diff(folders[r], expected[r])] if d}
+    if differing and strict:
+        raise SupersededRunsError(
+            f"{len(differing)} finished run(s) in {root} were made with other settings than this sweep's: "
+            + "; ".join(f"{r} ({' | '.join(d)})" for r, d in differing.items())
+            + "; run the sweep with the same --set values, or without --strict to move them to "
+            f"{root / SUPERSEDED} and train them again")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for r, diff in differing.items():
+        moved = move_aside(root, r, stamp)
+        report.superseded.append((r, diff, moved))
+        echo(f"{r}: finished with other settings ({'; '.join(diff)}); moved to {moved}, to run again")
+    todo = [r for r in runs if force or r not in finished or r in differing or _missing_cross(folders[r], test_on[r])]
+    where = (f"{launcher} jobs" if launcher != "local" else
+             f"{jobs} worker(s)" + (f" on GPUs {', '.join('+'.join(s) for s in slots[:jobs])}" if slots else ""))
     echo(f"sweep: {_count(len(runs), 'run')} ({_count(len(datasets), 'data set')} x "
          f"{_count(len(methods), 'method')} x {_count(len(seeds), 'seed')}); "
-         f"{len(runs) - len(todo)} already complete, {len(todo)} to run; results in {root}")
+         f"{len(runs) - len(todo)} already complete, {len(todo)} to run on {where}; results in {root}")
     tags = {run: f"[{i}/{len(runs)}] {run}" for i, run in enumerate(runs, 1)}
     for run in runs:
         if run not in todo:
             report.skipped.append(run)
-            echo(f"{tags[run]}: complete, skipped ({_headline(run_dir(root, run.dataset, run.method, run.seed))})")
+            echo(f"{tags[run]}: complete, skipped ({_headline(folders[run])})")
 
-    def task(run: Run) -> tuple:
+    def task(run: Run) -> RunTask:
+        trains = force or run not in finished or run in differing
         params = {"dataset": run.dataset, "data_root": _root_for(data_roots, run.dataset),
                   "method": run.method, "seed": run.seed, "overrides": list(overrides or []),
-                  "base_config": base_config, "output_dir": str(run_dir(root, run.dataset, run.method, run.seed)),
-                  "device": device}
-        echo(f"{tags[run]}: {'running' if jobs <= 1 else 'queued'} -> {root / 'runs' / (run.name + '.ipynb')}")
-        return notebook, root / "runs" / f"{run.name}.ipynb", params, kernel_name, log_output
+                  "base_config": base_config, "output_dir": str(folders[run]), "device": device,
+                  "test_on": test_on[run], "nproc_per_run": gpus_per_run}
+        out_nb = root / "runs" / f"{run.name}{'' if trains else '_cross'}.ipynb"
+        _write_json(folders[run] / QUEUED_FILE, {**owner_record(), "launcher": launcher})  # for --status
+        return RunTask(run, str(notebook), str(out_nb), params, expected[run], str(root), kernel_name, log_output,
+                       force)
 
-    done_seconds = []
+    done_seconds, handled = [], []
 
-    def finish(run: Run, message: str | None, seconds: float) -> None:
-        if message is not None:
+    def finish(run: Run, state: str, message: str | None, seconds: float) -> None:
+        handled.append(run)
+        if state == "claimed":
+            report.claimed.append((run, message))
+            echo(f"{tags[run]}: {message}; left to that sweep")
+            return
+        if state == "complete":
+            report.skipped.append(run)
+            echo(f"{tags[run]}: finished meanwhile by another sweep ({_headline(folders[run])})")
+            return
+        if state == "failed":
             report.failed.append((run, message))
             _log_failure(root, run, message, root / "runs" / f"{run.name}.ipynb")
             echo(f"{tags[run]}: FAILED after {_duration(seconds)}: {message[:200]}")
             return
         report.ran.append(run)
         done_seconds.append(seconds)
-        left = len(todo) - len(report.ran) - len(report.failed)
+        left = len(todo) - len(handled)
         eta = sum(done_seconds) / len(done_seconds) * left / max(1, min(jobs, left)) if left else 0
-        eta_text = f"; about {_duration(eta)} left" if left else ""
-        echo(f"{tags[run]}: done in {_duration(seconds)}: "
-             f"{_headline(run_dir(root, run.dataset, run.method, run.seed))}{eta_text}")
+        eta_text = f"; about {_duration(eta)} left" if left and launcher == "local" else ""
+        echo(f"{tags[run]}: done in {_duration(seconds)}: {_headline(folders[run])}{eta_text}")
 
-    if jobs <= 1:
+    tasks = {run: task(run) for run in todo}
+    sequential = launcher == "local" and jobs <= 1 and not slots
+    for run in todo if not sequential else []:
+        echo(f"{tags[run]}: queued -> {tasks[run].out_nb}")
+    if launcher != "local":
+        _submit(tasks, finish, launcher, root, gpus_per_run, slurm or {}, echo)
+    elif sequential:
         for run in todo:
-            finish(run, *_execute_run(*task(run)))
+            echo(f"{tags[run]}: running -> {tasks[run].out_nb}")
+            finish(run, *execute_run(tasks[run]))
     else:
-        # spawn, not fork: the parent may hold torch's threads (the demo loads the data set)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_execute_run, *task(run)): run for run in todo}
-            for future in as_completed(futures):
-                try:
-                    message, seconds = future.result()
-                except Exception as err:  # noqa: BLE001 - a worker that died
-                    message, seconds = error_message(err), 0.0
-                finish(futures[future], message, seconds)
+        _pool(tasks, finish, jobs, slots)
     if compare_notebook is not None:
-        complete = any((run_dir(root, r.dataset, r.method, r.seed) / "metrics.json").is_file() for r in runs)
-        if complete:
-            out_nb = root / "runs" / "compare.ipynb"
-            echo(f"compare: {compare_notebook} -> {out_nb}")
-            try:
-                execute_notebook(compare_notebook, out_nb, {"results_root": str(root), "out_dir": str(root)},
-                                 kernel_name, log_output)
-                report.summary = root / "summary.md"
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # noqa: BLE001
-                report.compare_error = error_message(err)
-                _log_failure(root, "compare", report.compare_error, out_nb)
-        else:
-            echo("compare: skipped, no run is complete")
+        _compare(root, runs, compare_notebook, kernel_name, log_output, report, echo)
     report.seconds = time.time() - started
     echo(report.format())
     return report
+
+
+def _cross_targets(datasets, own: str, data_roots) -> list[str]:
+    """The sweep's other data sets as test_on entries: NAME=DIR, or NAME (the run's data.root)."""
+    return [d if _root_for(data_roots, d) is None else f"{d}={_root_for(data_roots, d)}"
+            for d in dict.fromkeys(datasets) if d != own]
+
+
+def _pool(tasks: dict, finish, jobs: int, slots) -> None:
+    """``jobs`` worker processes, each pinned for its life to one GPU slot when there are slots."""
+    # spawn, not fork: the parent may hold torch's threads (the demo loads the data set)
+    context = multiprocessing.get_context("spawn")
+    queue = None
+    if slots:
+        queue = context.Queue()
+        for slot in slots[:jobs]:
+            queue.put(slot)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(queue, jobs)) as pool:
+        futures = {pool.submit(execute_run, run_task): run for run, run_task in tasks.items()}
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except Exception as err:  # noqa: BLE001 - a worker that died
+                outcome = ("failed", error_message(err), 0.0)
+            finish(futures[future], *outcome)
+
+
+def _submit(tasks: dict, finish, launcher: str, root: Path, gpus_per_run: int, slurm: dict, echo) -> None:
+    """One submitit job per run (SLURM, or local processes); waits for them, reporting each as it
+    ends. A sweep stopped while it waits leaves the jobs running: ``--status`` shows them."""
+    from submitit.helpers import as_completed as jobs_completed
+    executor = make_executor(launcher, root / "runs" / "submitit", partition=slurm.get("partition"),
+                             time_min=slurm.get("time_min", 240), gpus_per_run=gpus_per_run,
+                             account=slurm.get("account"), cpus_per_run=slurm.get("cpus_per_run"))
+    jobs = {}
+    for run, run_task in tasks.items():
+        job = executor.submit(execute_run, run_task)
+        jobs[job] = run
+        _write_json(Path(run_task.params["output_dir"]) / QUEUED_FILE,
+                    {**owner_record(), "launcher": launcher, "job_id": str(job.job_id)})
+        echo(f"{run}: submitted as job {job.job_id}")
+    for job in jobs_completed(list(jobs)):
+        try:
+            outcome = job.result()
+        except Exception as err:  # noqa: BLE001 - a job that failed or was cancelled
+            outcome = ("failed", f"job {job.job_id}: " + " ".join(str(err).split())[-300:], 0.0)
+        finish(jobs[job], *outcome)
+
+
+def _compare(root: Path, runs, compare_notebook, kernel_name, log_output, report: SweepReport, echo) -> None:
+    complete = any((run_dir(root, r.dataset, r.method, r.seed) / "metrics.json").is_file() for r in runs)
+    if not complete:
+        echo("compare: skipped, no run is complete")
+        return
+    out_nb = root / "runs" / "compare.ipynb"
+    echo(f"compare: {compare_notebook} -> {out_nb}")
+    try:
+        execute_notebook(compare_notebook, out_nb, {"results_root": str(root), "out_dir": str(root)},
+                         kernel_name, log_output)
+        report.summary = root / "summary.md"
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001
+        report.compare_error = error_message(err)
+        _log_failure(root, "compare", report.compare_error, out_nb)
 
 
 # --------------------------------------------------------------------------- command line
@@ -305,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m reidlib sweep",
         description="Run notebooks/train_eval.ipynb with papermill for every data set x method x seed "
                     "(complete runs are skipped), then notebooks/compare.ipynb.")
-    parser.add_argument("--datasets", nargs="+", required=True, help="e.g. market1501 dukemtmc msmt17")
+    parser.add_argument("--datasets", nargs="+", help="e.g. market1501 dukemtmc msmt17 (required unless --status)")
     parser.add_argument("--methods", nargs="+", default=["baseline", "proposed"],
                         help=f"any of {', '.join(METHODS)} (default: baseline proposed)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
@@ -319,18 +568,47 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config overrides for every run, e.g. --set stage2.epochs=30 test.rerank=true")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--force", action="store_true", help="rerun complete runs too")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a run failed")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a run failed, and refuse to start when a finished run "
+                             "was made with other settings (default: move it to superseded/ and rerun it)")
     parser.add_argument("--no-compare", action="store_true", help="do not run compare.ipynb at the end")
     parser.add_argument("--notebook", default=str(TRAIN_NOTEBOOK), help="the notebook run per combination")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, python3)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="notebooks run at once (default 1); e.g. 2 on a 2-core CPU with OMP_NUM_THREADS=1")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at once, each in its worker process (default 1, or one per GPU group of --gpus); "
+                             "on the CPU each worker gets one thread unless OMP_NUM_THREADS is set")
+    parser.add_argument("--gpus", default=None, metavar="0,1,2,3",
+                        help="GPUs of this node; each worker is pinned to --gpus-per-run of them "
+                             "(CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--gpus-per-run", type=int, default=1,
+                        help="GPUs per run (default 1); above 1 each run trains with torchrun over that many")
+    parser.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                        help="local (worker processes, default), slurm (one submitit job per run), "
+                             "local-submitit (submitit's local executor, as slurm on this machine)")
+    parser.add_argument("--partition", default=None, help="slurm: partition")
+    parser.add_argument("--time", type=int, default=240, metavar="MINUTES", help="slurm: time limit per run (240)")
+    parser.add_argument("--account", default=None, help="slurm: account")
+    parser.add_argument("--cpus-per-run", type=int, default=None, help="slurm: CPUs per job (default: the cluster's)")
+    parser.add_argument("--cross", action="store_true",
+                        help="also test each trained model on the sweep's other data sets (cross_metrics.json; "
+                             "compare.ipynb writes the train-on-A / test-on-B matrix, cross.md)")
+    parser.add_argument("--status", metavar="RESULTS", default=None,
+                        help="print the state of every run under RESULTS (done, running, failed, queued) and exit")
     parser.add_argument("--verbose", action="store_true", help="stream the notebooks' output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.status is not None:
+        from .status import format_status, run_states
+        if not Path(args.status).is_dir():
+            raise SystemExit(f"--status {args.status}: no such results folder")
+        print(format_status(run_states(args.status)))
+        return 0
+    if not args.datasets:
+        parser.error("--datasets is required (or --status RESULTS)")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -338,12 +616,20 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(notebook).is_file():
             raise SystemExit(f"notebook {notebook} not found: run from a clone of the repository "
                              "(the notebooks are not part of the installed package) or pass --notebook")
-    report = run_sweep(args.datasets, args.methods, args.seeds, data_roots=parse_data_roots(args.data_root),
-                       results_root=args.results, overrides=args.overrides, base_config=args.base,
-                       device=args.device, notebook=args.notebook,
-                       compare_notebook=None if args.no_compare else COMPARE_NOTEBOOK,
-                       kernel_name=args.kernel, log_output=args.verbose, force=args.force,
-                       jobs=args.jobs, echo=lambda text: print(text, flush=True))
+    try:
+        report = run_sweep(args.datasets, args.methods, args.seeds, data_roots=parse_data_roots(args.data_root),
+                           results_root=args.results, overrides=args.overrides, base_config=args.base,
+                           device=args.device, notebook=args.notebook,
+                           compare_notebook=None if args.no_compare else COMPARE_NOTEBOOK,
+                           kernel_name=args.kernel, log_output=args.verbose, force=args.force,
+                           jobs=args.jobs, strict=args.strict, gpus=args.gpus, gpus_per_run=args.gpus_per_run,
+                           launcher=args.launcher, cross=args.cross,
+                           slurm={"partition": args.partition, "time_min": args.time, "account": args.account,
+                                  "cpus_per_run": args.cpus_per_run},
+                           echo=lambda text: print(text, flush=True))
+    except SupersededRunsError as err:
+        print(f"sweep refused: {err}", file=sys.stderr)
+        return 1
     return 1 if args.strict and not report.ok else 0
 
 

@@ -1,9 +1,10 @@
 """The three notebooks, executed by papermill through ``python -m reidlib demo`` on a tiny set-up.
 
 The demo writes a generated data set (16 identities), sweeps baseline and proposed over seeds 0
-and 1 (one epoch per stage, two notebooks at a time: train_eval.ipynb four times), then runs
-compare.ipynb and attention.ipynb. A cell that raises fails these tests. The summary is checked
-against the metrics files, recomputed here.
+and 1 from the session's pretrained miniature and from random weights (one epoch per stage, two
+notebooks at a time: train_eval.ipynb eight times), then runs compare.ipynb on both groups and
+attention.ipynb, and draws the miniature's text-to-image search. A cell that raises fails these
+tests. The summary is checked against the metrics files, recomputed here.
 """
 import contextlib
 import io
@@ -13,18 +14,20 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from scipy import stats
 
 from reidlib import demo
 from reidlib.sweep import run_dir, run_sweep
 
 METHODS, SEEDS = ["baseline", "proposed"], [0, 1]
+GROUPS = {"pretrained": "synth, pretrained miniature", "random": "synth, random init"}  # folder: table label
 TINY = ["stage1.epochs=1", "stage2.epochs=1", "stage2.ims_per_batch=16", "stage2.steps=[1]"]
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """(exit status, printed output, results folder, data folder) of one demo run."""
+def demo_run(tmp_path_factory, miniature):
+    """(exit status, printed output, results folder, data folder, miniature) of one demo run."""
     tmp = tmp_path_factory.mktemp("demo")
     data, results = tmp / "synth", tmp / "results"
     out = io.StringIO()
@@ -33,8 +36,9 @@ def demo_run(tmp_path_factory):
         # faster when other processes share the cores
         patch.setenv("OMP_NUM_THREADS", "1")
         status = demo.main(["--seeds", *map(str, SEEDS), "--data", str(data), "--results", str(results),
-                            "--ids", "16", "--jobs", "2", "--strict", "--set", *TINY])
-    return status, out.getvalue(), results, data
+                            "--ids", "16", "--jobs", "2", "--strict", "--miniature", str(miniature[0]),
+                            "--set", *TINY])
+    return status, out.getvalue(), results, data, miniature[0]
 
 
 def _errors(path):
@@ -43,35 +47,43 @@ def _errors(path):
 
 
 def test_demo_runs_every_notebook(demo_run):
-    status, printed, root, _ = demo_run
+    status, printed, root, _, _ = demo_run
     assert status == 0, printed
     assert "split   | ids | images | cameras" in printed            # the data set's statistics
-    assert "0 already complete, 4 to run" in printed and "4 ran, 0 skipped" in printed
+    assert printed.count("0 already complete, 4 to run") == 2 and printed.count("4 ran, 0 skipped") == 2
     assert "| Dataset | Seeds | Baseline Rank-1 (%)" in printed      # the summary table
-    for name in ["compare", "attention"] + [f"market1501_{m}_seed{s}" for m in METHODS for s in SEEDS]:
-        executed = root / "runs" / f"{name}.ipynb"
-        assert executed.is_file() and not _errors(executed), name
+    executed = [root / "runs" / f"{name}.ipynb" for name in ("compare", "attention")]
+    executed += [root / group / "runs" / f"synth_{m}_seed{s}.ipynb" for group in GROUPS for m in METHODS for s in SEEDS]
+    for path in executed:
+        assert path.is_file() and not _errors(path), path
 
 
 def test_run_folders(demo_run):
-    _, _, root, _ = demo_run
-    for method in METHODS:
-        for seed in SEEDS:
-            folder = run_dir(root, "market1501", method, seed)
-            metrics = json.loads((folder / "metrics.json").read_text())
-            assert (metrics["method"], metrics["seed"], len(metrics["cmc"])) == (method, seed, 50)
-            for name in ("config.yaml", "metrics.jsonl", "model_final.pt"):
-                assert (folder / name).is_file(), name
-            assert (folder / "training_curves.png").stat().st_size > 20_000
+    _, _, root, _, miniature = demo_run
+    for group, weights in (("pretrained", str(miniature)), ("random", "none")):
+        for method in METHODS:
+            for seed in SEEDS:
+                folder = run_dir(root / group, "synth", method, seed)
+                metrics = json.loads((folder / "metrics.json").read_text())
+                assert (metrics["dataset"], metrics["method"], metrics["seed"], len(metrics["cmc"])) == \
+                    ("synth", method, seed, 50)
+                for name in ("config.yaml", "metrics.jsonl", "model_final.pt"):
+                    assert (folder / name).is_file(), name
+                assert (folder / "training_curves.png").stat().st_size > 20_000
+                model = yaml.safe_load((folder / "config.yaml").read_text())["model"]
+                assert (model["pretrained"], model["quick_gelu"]) == (weights, "false")
 
 
-def test_summary_matches_metrics_files(demo_run):
-    _, _, root, _ = demo_run
-    summary = pd.read_csv(root / "summary.csv").set_index("method")
+@pytest.mark.parametrize("group", GROUPS)
+def test_summary_matches_metrics_files(demo_run, group):
+    _, _, root, _, _ = demo_run
+    summary = pd.read_csv(root / "summary.csv")
     for column in ("dataset", "n_seeds", "seeds", "rank1_mean", "rank1_std", "mAP_mean", "mAP_std",
                    "n_pairs", "rank1_delta", "mAP_delta", "rank1_p_ttest", "mAP_p_ttest"):
-        assert column in summary.reset_index().columns, column
-    values = {(m, s): json.loads((run_dir(root, "market1501", m, s) / "metrics.json").read_text())
+        assert column in summary.columns, column
+    assert sorted(summary["dataset"].unique()) == sorted(GROUPS.values())   # all four rows, each group apart
+    summary = summary[summary["dataset"] == GROUPS[group]].set_index("method")
+    values = {(m, s): json.loads((run_dir(root / group, "synth", m, s) / "metrics.json").read_text())
               for m in METHODS for s in SEEDS}
     for metric in ("rank1", "mAP"):
         per_method = {m: 100 * np.array([values[m, s][metric] for s in SEEDS]) for m in METHODS}
@@ -85,28 +97,30 @@ def test_summary_matches_metrics_files(demo_run):
             expected = stats.ttest_rel(per_method["proposed"], per_method["baseline"]).pvalue
             assert summary.loc["proposed", f"{metric}_p_ttest"] == pytest.approx(expected)
     table = (root / "summary.md").read_text()
-    assert "| market1501 | 2 / 2 |" in table and "paired t-test" in table
+    assert f"| {GROUPS[group]} | 2 / 2 |" in table and "paired t-test" in table
     r1 = 100 * np.array([values["baseline", s]["rank1"] for s in SEEDS])
     assert f"{r1.mean():.2f} ± {r1.std(ddof=1):.2f}" in table
 
 
 def test_figures(demo_run):
-    _, _, root, _ = demo_run
-    names = ["bars", "gains", "cmc"] + [f"{kind}_market1501_seed0"
-                                        for kind in ("attention_rollout", "attention_last", "retrieval")]
+    _, _, root, _, _ = demo_run
+    names = ["bars", "gains", "cmc", "zero_shot_text_search"] + [
+        f"{kind}_synth_seed0" for kind in ("attention_rollout", "attention_last", "retrieval")]
     for name in names:
         assert (root / "figures" / f"{name}.png").stat().st_size > 20_000, name
 
 
 def test_rerun_skips_and_a_broken_run_is_reported(demo_run):
-    _, _, root, data = demo_run
-    again = run_sweep(["market1501"], METHODS, SEEDS, data_roots=str(data), results_root=root,
-                      overrides=TINY, base_config="tiny", compare_notebook=None, echo=lambda text: None)
+    _, _, root, data, miniature = demo_run
+    overrides = demo.DEMO_OVERRIDES + demo.group_overrides("pretrained", miniature) + TINY  # as the demo's
+    root = root / "pretrained"
+    again = run_sweep(["synth"], METHODS, SEEDS, data_roots=str(data), results_root=root,
+                      overrides=overrides, base_config="tiny", compare_notebook=None, echo=lambda text: None)
     assert len(again.skipped) == 4 and not again.ran and again.ok
-    broken = run_sweep(["market1501"], ["baseline"], [7], data_roots=str(data), results_root=root,
-                       overrides=TINY + ["stage2.epochs=many"], base_config="tiny", compare_notebook=None,
+    broken = run_sweep(["synth"], ["baseline"], [7], data_roots=str(data), results_root=root,
+                       overrides=overrides + ["stage2.epochs=many"], base_config="tiny", compare_notebook=None,
                        jobs=2, echo=lambda text: None)  # the failure comes back from a worker process
     assert not broken.ok and len(broken.failed) == 1
     assert "stage2.epochs" in broken.failed[0][1] and "wants a number" in broken.failed[0][1]
-    assert not (run_dir(root, "market1501", "baseline", 7) / "metrics.json").exists()
-    assert "market1501 baseline seed 7" in (root / "sweep_failures.log").read_text()
+    assert not (run_dir(root, "synth", "baseline", 7) / "metrics.json").exists()
+    assert "synth baseline seed 7" in (root / "sweep_failures.log").read_text()

@@ -62,7 +62,8 @@ class TrainImageCache:
         self.camids = torch.tensor([cam for _, _, cam in self.items], dtype=torch.long)
         log.info("decoding %d train images into a %.0f MB uint8 cache at %dx%d", len(self.items),
                  self.images.numel() / 2**20, height, width)
-        self.num_skipped = len(self._decode_all(num_threads or min(8, os.cpu_count() or 1)))
+        self.unreadable_indices = self._decode_all(num_threads or min(8, os.cpu_count() or 1))
+        self.num_skipped = len(self.unreadable_indices)
 
     def _decode_one(self, index: int) -> bool:
         try:
@@ -99,6 +100,37 @@ class TrainImageCache:
     @property
     def nbytes(self) -> int:
         return self.images.numel()
+
+
+def decode_images(paths, image_size, interpolation: str = "bicubic",
+                  num_threads: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Image files decoded and resized into one uint8 tensor ``[N, 3, H, W]``, and the indices of
+    the files that could not be read: left out of the tensor, logged with a count.
+
+    For image sets without identities (pretraining pairs, zero-shot search), where an unreadable
+    image has no same-person stand-in.
+
+    Example::
+
+        images, skipped = decode_images(["a.jpg", "b.jpg"], (128, 64))   # images.shape [2, 3, 128, 64]
+    """
+    size, mode = [int(image_size[0]), int(image_size[1])], interpolation_mode(interpolation)
+
+    def decode(path):
+        try:
+            image = TF.resize(read_image(path), size, interpolation=mode)
+        except UnreadableImageError as err:
+            return err
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+    with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(decode, list(paths)))
+    skipped = [i for i, image in enumerate(decoded) if isinstance(image, Exception)]
+    if skipped:
+        log.warning("%d unreadable image(s) left out, e.g. %s", len(skipped), decoded[skipped[0]])
+    kept = [image for image in decoded if not isinstance(image, Exception)]
+    images = torch.stack(kept) if kept else torch.zeros((0, 3, *size), dtype=torch.uint8)
+    return images, skipped
 
 
 def make_image_cache(dataset, cfg, runtime: Runtime):
@@ -154,6 +186,11 @@ class TrainBatches:
         for images, pids, camids, _ in loader:
             yield (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
                    camids.to(device, non_blocking=True))
+
+    @property
+    def unreadable_indices(self) -> list[int]:
+        """Training items found unreadable so far (replaced by another image of the same person)."""
+        return (self.cache if self.cache is not None else self.dataset).unreadable_indices
 
     def num_batches(self, epoch: int) -> int:
         self.sampler.set_epoch(epoch)

@@ -123,8 +123,9 @@ def load_dataset(name: str, root: str | Path, **kw) -> ReIDDataset:
     """Load a registered data set from ``root``; its usual nesting under ``root`` is found by itself.
 
     Names: ``market1501``, ``dukemtmc``, ``msmt17``, ``iust``, ``occ_duke``, ``folder`` (your own data,
-    see :func:`folder`). Keyword arguments go to the loader; all of them take ``train_only=True``,
-    which reads only the training split (``query`` and ``gallery`` are then empty).
+    see :func:`folder`), ``synth`` (the generated set). Keyword arguments go to the loader; all of
+    them take ``train_only=True``, which reads only the training split (``query`` and ``gallery``
+    are then empty).
 
     Example::
 
@@ -281,6 +282,16 @@ def market1501(root: Path, train_only: bool = False) -> ReIDDataset:
     return _load_market_style("market1501", root, [
         "", "Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501",
         "Market-1501"], train_only)
+
+
+@register_dataset("synth")
+def synth(root: Path, train_only: bool = False) -> ReIDDataset:
+    """The generated data set (:mod:`reidlib.data.synth`): Market-1501's folders and names, read
+    under its own name, so that tables and run folders say what the data are.
+
+    ``ROOT/`` or ``ROOT/synth/``, holding ``bounding_box_train``, ``query``, ``bounding_box_test``.
+    """
+    return _load_market_style("synth", root, ["", "synth"], train_only)
 
 
 @register_dataset("dukemtmc")

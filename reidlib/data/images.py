@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -73,6 +74,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.substitute = substitute
         self._skipped = _new_counter()
+        self._bad = _new_flags(len(self.items))  # shared: which items any process failed to read
         self._unreadable: set[int] = set()  # per process: known bad, not read again
         self._same_pid: dict[int, list[int]] | None = None
 
@@ -84,6 +86,18 @@ class ImageDataset(torch.utils.data.Dataset):
         """Failed image reads so far, over all worker processes (a process reads a bad file once)."""
         return sum(self._skipped)
 
+    @property
+    def unreadable_indices(self) -> list[int]:
+        """The items found unreadable so far, by any process, each once (unlike
+        :attr:`num_skipped`, which counts failed reads).
+
+        Example::
+
+            for batch in loader: ...
+            print(len(ds.unreadable_indices), "unreadable images")
+        """
+        return np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)).tolist()
+
     def __getitem__(self, index: int):
         path, pid, camid = self.items[index]
         for i in self._candidates(index):
@@ -91,6 +105,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 image = read_image(self.items[i][0])
             except UnreadableImageError as err:
                 self._unreadable.add(i)
+                self._bad[i] = 1
                 self._count_skip(err)
                 if not self.substitute:
                     raise
@@ -128,11 +143,14 @@ class ImageDataset(torch.utils.data.Dataset):
         # travels as shared memory. Any other pickling or copy keeps only its current value.
         if multiprocessing.context.get_spawning_popen() is None:
             state["_skipped"] = list(self._skipped)
+            state["_bad"] = bytes(self._bad)
         return state
 
     def __setstate__(self, state):
         if isinstance(state["_skipped"], list):
             state["_skipped"] = _new_counter(state["_skipped"])
+        if isinstance(state["_bad"], bytes):
+            state["_bad"] = _new_flags(len(state["_bad"]), state["_bad"])
         self.__dict__.update(state)
 
 
@@ -140,6 +158,15 @@ def _new_counter(values=None):
     """Shared memory with one slot per process (main + DataLoader workers): each process adds to
     its own slot only, so no lock is needed, and any start method (fork, spawn) can inherit it."""
     return multiprocessing.RawArray("q", values if values is not None else COUNTER_SLOTS)
+
+
+def _new_flags(length: int, values: bytes | None = None):
+    """One shared byte per item, set to 1 by whichever process finds the item unreadable (a
+    write of the same value from several processes needs no lock)."""
+    flags = multiprocessing.RawArray("b", length)
+    if values:
+        flags[:] = list(values)
+    return flags
 
 
 def indices_by_pid(items) -> dict[int, list[int]]:

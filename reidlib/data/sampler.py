@@ -39,6 +39,8 @@ def identity_batches(pids: list[int], num_pids: int, num_instance: int,
                      rng: np.random.Generator) -> list[list[list[int]]]:
     """One epoch: a list of batches, each a list of ``num_pids`` groups of ``num_instance`` indices
     (one group per pid, all pids of a batch distinct)."""
+    if num_pids < 1 or num_instance < 1:  # 0 identities per batch would never run out of batches
+        raise ValueError(f"a P x K batch needs P >= 1 and K >= 1, got P={num_pids}, K={num_instance}")
     by_pid: dict[int, list[int]] = {}
     for index, pid in enumerate(pids):
         by_pid.setdefault(pid, []).append(index)
@@ -73,6 +75,8 @@ class RandomIdentitySampler(Sampler[int]):
     """
 
     def __init__(self, items_or_pids, batch_size: int = 64, num_instance: int = 4, seed: int = 0):
+        if batch_size < 1 or num_instance < 1:
+            raise ValueError(f"batch_size ({batch_size}) and num_instance ({num_instance}) must be positive")
         if batch_size % num_instance:
             raise ValueError(f"batch_size {batch_size} is not a multiple of num_instance {num_instance}")
         self.pids = pids_of(items_or_pids)

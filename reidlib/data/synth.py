@@ -13,6 +13,11 @@ disjoint (half each by default); the query holds one image per test identity for
 it was seen in, the gallery the rest, plus distractors (pid 0) and a few junk boxes (pid -1). The
 bytes depend only on the arguments: each image is drawn from its own seed.
 
+Beside the images, ``OUT/captions.csv`` (``path,caption``) describes the person in every image from
+the attributes it was drawn with (:mod:`reidlib.data.captions`). :func:`generate_web` writes an
+image-caption set of other people, one or two images each from cameras of their own, to pretrain a
+miniature CLIP on (:mod:`reidlib.engine.pretrain`).
+
 Command line (prints the stats table and the time taken)::
 
     python -m reidlib.data.synth data/synth                          # demo: 60 ids, 4 cameras
@@ -28,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import os
 import sys
@@ -37,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from .captions import CLOTHES_NAMES, HAIR_NAMES, LOWER_NAMES, SHOES_NAMES, describe
 
 HEIGHT, WIDTH = 128, 64
 SPLIT_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
@@ -49,6 +57,15 @@ CLOTHES = [(200, 30, 35), (30, 60, 170), (235, 235, 230), (25, 25, 28), (128, 12
 LOWER = [(25, 25, 28), (50, 70, 120), (110, 110, 115), (200, 180, 140), (235, 235, 230), (90, 60, 40),
          (30, 40, 70)]
 SHOES = [(20, 20, 20), (235, 235, 235), (110, 70, 40), (150, 30, 30)]
+# Every palette entry has its name in the captions.
+assert [len(p) for p in (HAIR, CLOTHES, LOWER, SHOES)] == [
+    len(n) for n in (HAIR_NAMES, CLOTHES_NAMES, LOWER_NAMES, SHOES_NAMES)], "a palette entry has no name"
+
+CAPTIONS_CSV = "captions.csv"
+WEB_FOLDER = "images"
+# Identity and camera keys of the "web" set start here: far above a re-ID set's (pids, distractors
+# at 1,000,000 + j, junk at 2,000,000 + j), so the web set shares no person and no camera with one.
+WEB_OFFSET = 10_000_000
 
 # Body layout in units of the person's height, from the top of the head (v = 0) to the soles (v = 1).
 HEAD_V, HEAD_RADII = 0.085, (0.052, 0.068)
@@ -63,24 +80,28 @@ _Y, _X = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
 def make_identity(seed: int, key: int) -> dict:
     """The appearance of one person: part colours (palette entry + a small personal shift) and styles."""
     rng = np.random.default_rng([seed, 1, key])
+    picked = {}  # part -> palette index, for the captions (the drawn colour has a personal shift)
 
-    def colour(palette, index=None):
-        index = rng.integers(len(palette)) if index is None else index
+    def colour(part, palette, index=None):
+        index = int(rng.integers(len(palette))) if index is None else index
+        picked[part] = index
         return np.clip(np.asarray(palette[index], np.float32) + rng.normal(0, 10, 3), 0, 255).astype(np.float32)
 
     upper_index = int(rng.integers(len(CLOTHES)))
     second_index = (upper_index + int(rng.integers(1, len(CLOTHES)))) % len(CLOTHES)
-    return {
-        "skin": colour(SKIN), "hair": colour(HAIR), "hat": colour(CLOTHES),
+    return {  # the draws' order fixes every image's bytes: add new draws at the end only
+        "skin": colour("skin", SKIN), "hair": colour("hair", HAIR), "hat": colour("hat", CLOTHES),
         "hair_style": int(rng.choice(3, p=[0.55, 0.3, 0.15])),          # short, long, hat
-        "upper": colour(CLOTHES, upper_index), "upper2": colour(CLOTHES, second_index),
+        "upper": colour("upper", CLOTHES, upper_index), "upper2": colour("upper2", CLOTHES, second_index),
         "pattern": int(rng.choice(5, p=[0.4, 0.15, 0.1, 0.2, 0.15])),   # plain, stripes, checks, open jacket, band
         "short_sleeves": bool(rng.random() < 0.35),
-        "lower": colour(LOWER), "lower_style": int(rng.choice(3, p=[0.65, 0.2, 0.15])),  # trousers, shorts, skirt
-        "shoes": colour(SHOES),
+        "lower": colour("lower", LOWER),
+        "lower_style": int(rng.choice(3, p=[0.65, 0.2, 0.15])),         # trousers, shorts, skirt
+        "shoes": colour("shoes", SHOES),
         "bag": int(rng.choice(3, p=[0.5, 0.25, 0.25])),                  # none, backpack, shoulder bag
-        "bag_colour": colour(CLOTHES), "bag_side": int(rng.choice([-1, 1])),
+        "bag_colour": colour("bag_colour", CLOTHES), "bag_side": int(rng.choice([-1, 1])),
         "width": float(rng.uniform(0.85, 1.15)), "height": float(rng.uniform(0.93, 1.05)),
+        "colour_index": picked,
     }
 
 
@@ -385,6 +406,12 @@ def generate_market(out, ids: int = 60, cams: int = 4, seed: int = 0, train_frac
     jobs = plan_images(ids, cams, seed, train_frac, images_per_id, distractors, junk, train_only, train_images)
     for folder in SPLIT_FOLDERS[:1] if train_only else SPLIT_FOLDERS:
         _prepare_folder(out / folder, overwrite)
+    _write_all(jobs, out, seed, workers)
+    write_captions(jobs, out, seed)
+    return out
+
+
+def _write_all(jobs: list[tuple], out: Path, seed: int, workers: int | None) -> None:
     workers = workers or (1 if len(jobs) < 2000 else min(8, os.cpu_count() or 1))
     write = functools.partial(_write, out=str(out), seed=seed)
     if workers == 1:
@@ -393,6 +420,72 @@ def generate_market(out, ids: int = 60, cams: int = 4, seed: int = 0, train_frac
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(write, jobs, chunksize=64))
+
+
+def write_captions(jobs: list[tuple], out: Path, seed: int) -> Path:
+    """``out/captions.csv``: ``path,caption`` for every image of ``jobs`` that shows a person (junk
+    boxes have no caption), the path relative to ``out``, each caption phrased by its own seed."""
+    rows = [(rel, describe(make_identity(seed, key), np.random.default_rng([seed, 4, serial])))
+            for rel, key, _, serial, is_junk in jobs if not is_junk]
+    path = Path(out) / CAPTIONS_CSV
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:  # a temp file, then a rename: never half a CSV
+        writer = csv.writer(fh)
+        writer.writerow(["path", "caption"])
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def read_captions(root: str | Path) -> dict[str, str]:
+    """``root/captions.csv`` as {path relative to root: caption}.
+
+    >>> import tempfile
+    >>> root = generate_web(tempfile.mkdtemp(), identities=2, seed=0)
+    >>> sorted(read_captions(root)) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    True
+    """
+    path = Path(root) / CAPTIONS_CSV
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CAPTIONS_CSV} in {root}: write the set with reidlib.data.synth "
+                                "(generate_market or generate_web), which writes it beside the images")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"path", "caption"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: expected a header row path,caption")
+        return {row["path"]: row["caption"] for row in reader}
+
+
+def plan_web_images(identities: int, seed: int = 0, max_per_identity: int = 2) -> list[tuple]:
+    """The "web" set's images, as :func:`plan_images` gives them: 1..``max_per_identity`` per
+    person, each seen by a camera of its own (random background, light, blur, scale)."""
+    rng = np.random.default_rng([seed, 5])
+    jobs = []
+    for person in range(identities):
+        for shot in range(int(rng.integers(1, max_per_identity + 1))):
+            serial = WEB_OFFSET + len(jobs)  # also the camera's key: a new camera for every image
+            jobs.append((f"{WEB_FOLDER}/{person:06d}_{shot:02d}.jpg", WEB_OFFSET + person, serial, serial, False))
+    return jobs
+
+
+def generate_web(out, identities: int = 3000, seed: int = 0, max_per_identity: int = 2,
+                 workers: int | None = None, overwrite: bool = False) -> Path:
+    """Write an image-caption set for pretraining (``out/images/*.jpg`` and ``out/captions.csv``)
+    and return ``out``.
+
+    Like alt-texted photos on the web rather than a re-ID set: many people, one or a few images
+    each, every image from a different camera, no identity labels. Its people and cameras are
+    keyed far above any re-ID set's (``WEB_OFFSET``), so none of them is in a re-ID split.
+
+    Example::
+
+        generate_web("data/web", identities=3000)     # ~4,500 images, ~15 s
+    """
+    out = Path(out)
+    jobs = plan_web_images(identities, seed, max_per_identity)
+    _prepare_folder(out / WEB_FOLDER, overwrite)
+    _write_all(jobs, out, seed, workers)
+    write_captions(jobs, out, seed)
     return out
 
 

@@ -16,18 +16,27 @@ from tqdm.auto import tqdm
 from ..data import ImageDataset, build_transforms, test_tensor_transform
 from ..losses import stage1_loss
 from ..runtime import Runtime, epoch_seed, gather_tensor, shard
+from .nonfinite import LossWatch
 from .schedule import stage1_scheduler
+
+
+def stage1_images(items, cfg) -> ImageDataset:
+    """The training images as stage 1 reads them: the test transform, unreadable ones replaced by
+    another image of the same person (and listed in ``unreadable_indices``)."""
+    return ImageDataset(items, build_transforms(cfg.data, cfg.model.image_size, train=False))
 
 
 @torch.no_grad()
 def cache_image_features(model, items, cfg, runtime: Runtime, image_cache=None):
     """Projected image features (no SIE) and labels of every training image, on the device.
 
-    ``image_cache`` (a :class:`~reidlib.data.TrainImageCache` on the device, resized with the test
-    interpolation) skips decoding: batches are normalised and encoded straight from it."""
+    ``items``: (path, pid, camid) tuples, or their :func:`stage1_images` (to read which were
+    unreadable afterwards). ``image_cache`` (a :class:`~reidlib.data.TrainImageCache` on the
+    device, resized with the test interpolation) skips decoding: batches are normalised and
+    encoded straight from it."""
     if image_cache is not None:
         return _features_from_cache(model, image_cache, cfg, runtime)
-    dataset = ImageDataset(items, build_transforms(cfg.data, cfg.model.image_size, train=False))
+    dataset = items if isinstance(items, ImageDataset) else stage1_images(items, cfg)
     local = Subset(dataset, list(shard(len(dataset), runtime)))
     loader = DataLoader(local, batch_size=cfg.test.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, pin_memory=runtime.device.type == "cuda")
@@ -102,12 +111,16 @@ def train_stage1_epoch(model, step_module, optimizer, scheduler, feats, labels, 
     started = time.time()
     bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{cfg.stage1.epochs}", leave=False,
                disable=not runtime.is_main)
+    watch = LossWatch(feats.device)
     for step, batch in enumerate(bar):
         local = batch[runtime.rank::runtime.world_size]  # each rank takes its share of the batch
         loss = stage1_step(step_module, optimizer, feats[local], labels[local], runtime)
         loss_sum += loss
+        watch.update(loss, step + 1)
         if (step + 1) % cfg.stage1.log_period == 0:
+            watch.check(runtime, 1, epoch + 1, "lower stage1.lr")
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    watch.check(runtime, 1, epoch + 1, "lower stage1.lr")
     seconds = time.time() - started
     mean_loss = (loss_sum / len(batches)).item()
     return {"stage": 1, "epoch": epoch + 1, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..data import TrainBatches
 from ..losses import Stage2Loss
 from ..runtime import Runtime, epoch_seed
+from .nonfinite import LossWatch
 from .schedule import set_epoch_lr, stage2_schedule
 
 
@@ -78,16 +79,21 @@ def train_stage2_epoch(model, train_module, optimizer, batches: TrainBatches, lo
     use_cams = getattr(model, "uses_sie", False)
     bar = tqdm(batches.epoch(epoch), total=batches.num_batches(epoch), leave=False, disable=not runtime.is_main,
                desc=f"stage 2 epoch {epoch + 1}/{cfg.stage2.epochs}")
+    watch = LossWatch(runtime.device)
+    hint = f"lower {'model.lora.lr' if getattr(model, 'uses_lora', False) else 'stage2.lr'}"
     for images, pids, camids in bar:
         loss, parts = stage2_step(train_module, optimizer, loss_fn, text_feats, images, pids,
                                   camids if use_cams else None, runtime)
         for name, value in {"loss": loss, **parts}.items():
             sums[name] = sums.get(name, 0) + value.float()
         steps += 1
+        watch.update(loss, steps)
         images_seen += len(images) * runtime.world_size
         if steps % cfg.stage2.log_period == 0:
+            watch.check(runtime, 2, epoch + 1, hint)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{images_seen / (time.time() - started):.0f}")
+    watch.check(runtime, 2, epoch + 1, hint)
     seconds = time.time() - started
     record = {"stage": 2, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
               "img_per_s": images_seen / max(seconds, 1e-9), "steps": steps}

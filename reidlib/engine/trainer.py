@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..config import Config, method_of, to_dict
 from ..data import TrainBatches, load_dataset, make_image_cache
-from ..eval.extract import evaluate_model
-from ..files import load_checkpoint, save_checkpoint, write_json
+from ..eval.extract import check_valid_queries, evaluate_model
+from ..files import load_checkpoint, remove_stale_temp_files, require_file, save_checkpoint, write_json
 from ..model import build_model, parameter_table, set_trainable
 from ..model.io import load_trained_model, model_record
-from ..runtime import Runtime, seed_everything, setup_runtime
+from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime
 from .checkpoint import (
     RESUME_IGNORE,
     capture_rng_state,
@@ -32,10 +33,13 @@ from .checkpoint import (
     find_latest_checkpoint,
     restore_rng_state,
 )
+from .nonfinite import check_finite_weights
+from .preflight import check_before_training
 from .stage1 import (
     cache_image_features,
     make_stage1_optimizer,
     make_stage1_scheduler,
+    stage1_images,
     train_stage1_epoch,
     wrap_for_stage1,
 )
@@ -46,13 +50,17 @@ log = logging.getLogger("reidlib")
 
 def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epoch: int,
                 dataset) -> None:
-    """Resumable state after ``epoch`` completed epochs of ``stage``; older ones are removed."""
+    """Resumable state after ``epoch`` completed epochs of ``stage``; older ones are removed
+    (only once the new one is on disk, and never for weights that are not finite)."""
+    # on every rank, so that under torchrun all of them stop together (their weights are the same)
+    check_finite_weights(model.state_dict(), f"stage {stage} epoch {epoch}")
     if not runtime.is_main:
         return
     path = runtime.output_dir / checkpoint_name(stage, epoch)
+    record = model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, dataset=dataset)
     save_checkpoint(path, {
         "stage": stage, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-        **model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams),
+        **record,
     })
     for old in runtime.output_dir.glob("checkpoint_stage*_e*.pt"):
         if old != path:
@@ -78,7 +86,8 @@ def _resume_state(cfg: Config, runtime: Runtime) -> dict | None:
 
 
 def run_stage1(model, dataset, cfg: Config, runtime: Runtime, resume: dict | None,
-               image_cache=None) -> None:
+               image_cache=None) -> list[int]:
+    """Stage 1 from the start or a resumed epoch; returns the training images it found unreadable."""
     params = set_trainable(model, "stage1")
     optimizer = make_stage1_optimizer(params, cfg)
     start = 0
@@ -86,11 +95,12 @@ def run_stage1(model, dataset, cfg: Config, runtime: Runtime, resume: dict | Non
         optimizer.load_state_dict(resume["optimizer"])
         start = resume["epoch"]
     if start >= cfg.stage1.epochs:
-        return
+        return []
     scheduler = make_stage1_scheduler(optimizer, cfg)
     # The GPU image cache is resized with the train interpolation; stage 1 wants the test one.
     same_resize = cfg.data.interpolation == cfg.data.test_interpolation
-    feats, labels = cache_image_features(model, dataset.train, cfg, runtime,
+    images = stage1_images(dataset.train, cfg)
+    feats, labels = cache_image_features(model, images, cfg, runtime,
                                          image_cache if same_resize else None)
     step_module = wrap_for_stage1(model, runtime)
     for epoch in range(start, cfg.stage1.epochs):
@@ -102,10 +112,12 @@ def run_stage1(model, dataset, cfg: Config, runtime: Runtime, resume: dict | Non
                      record["loss"], record["lr"])
         if _should_save(epoch + 1, cfg.stage1.epochs, cfg.stage1.checkpoint_period):
             _save_epoch(runtime, cfg, model, optimizer, 1, epoch + 1, dataset)
+    return images.unreadable_indices
 
 
 def run_stage2(model, dataset, cfg: Config, runtime: Runtime, resume: dict | None,
-               image_cache=None) -> None:
+               image_cache=None) -> list[int]:
+    """Stage 2 from the start or a resumed epoch; returns the training images it found unreadable."""
     params = set_trainable(model, "stage2")
     if runtime.is_main:
         log.info("stage 2 parameters:\n%s", parameter_table(model))
@@ -115,7 +127,7 @@ def run_stage2(model, dataset, cfg: Config, runtime: Runtime, resume: dict | Non
         optimizer.load_state_dict(resume["optimizer"])
         start = resume["epoch"]
     if start >= cfg.stage2.epochs:
-        return
+        return []
     text_feats = model.all_text_features().float()  # prompts are frozen from here on
     batches = TrainBatches(dataset, cfg, runtime, image_cache)
     train_module = wrap_for_stage2(model, runtime, cfg.compile)
@@ -133,6 +145,7 @@ def run_stage2(model, dataset, cfg: Config, runtime: Runtime, resume: dict | Non
             runtime.log_metrics({"stage": 2, "epoch": done, "eval": metrics})
         if _should_save(done, cfg.stage2.epochs, cfg.stage2.checkpoint_period):
             _save_epoch(runtime, cfg, model, optimizer, 2, done, dataset)
+    return batches.unreadable_indices
 
 
 def _load_stage1_prompts(model, path: str) -> None:
@@ -145,15 +158,33 @@ def _load_stage1_prompts(model, path: str) -> None:
         raise ValueError(f"{path}: prompt shapes do not match this config (number of identities or prompt settings)")
 
 
+def _count_over_ranks(indices: list[int], runtime: Runtime) -> int:
+    """How many distinct items the ranks found, together (each rank reads its own share)."""
+    local = torch.tensor(sorted(set(indices)), dtype=torch.long)
+    return len(torch.unique(gather_tensor(local.to(runtime.device), runtime)))
+
+
+def _save_final(runtime: Runtime, record: dict) -> None:
+    save_checkpoint(runtime.output_dir / "model_final.pt", record)
+
+
 def train(cfg: Config, dataset=None) -> dict:
     """Run stage 1 and stage 2 (resuming from the run folder when asked) and evaluate the final
-    model on query/gallery. Returns the metrics dict also written to ``metrics.json``."""
+    model on query/gallery. Returns the metrics dict also written to ``metrics.json``.
+
+    Before any training: the output folder must be writable, stage 2's P x K batches possible and
+    at least one query scorable (:mod:`~reidlib.engine.preflight`). A non-finite loss stops the
+    run; ``model_final.pt`` is written before the final evaluation and again with its metrics."""
     runtime = setup_runtime(cfg)
     if runtime.is_main:
+        stale = remove_stale_temp_files(runtime.output_dir)
+        if stale:
+            log.info("removed %d temp file(s) an interrupted save left in %s", len(stale), runtime.output_dir)
         (runtime.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
     if runtime.is_main:
         log.info("data set %s\n%s", cfg.data.dataset, dataset.stats_table())
+    check_before_training(cfg, dataset, runtime)
     seed_everything(cfg.seed)  # before the build: random-init weights depend on it
     model = build_model(cfg.model, num_classes=dataset.num_train_pids,
                         num_cameras=dataset.num_train_cams).to(runtime.device)
@@ -162,17 +193,27 @@ def train(cfg: Config, dataset=None) -> dict:
         model.load_state_dict(resume["model"])
         restore_rng_state(resume["rng"])
     image_cache = make_image_cache(dataset, cfg, runtime)
+    unreadable = list(image_cache.unreadable_indices) if image_cache is not None else []
     if cfg.stage1_weights and resume is None:
         _load_stage1_prompts(model, cfg.stage1_weights)
     elif resume is None or resume["stage"] == 1:
-        run_stage1(model, dataset, cfg, runtime, resume, image_cache)
-    run_stage2(model, dataset, cfg, runtime, resume if resume and resume["stage"] == 2 else None,
-               image_cache)
+        unreadable += run_stage1(model, dataset, cfg, runtime, resume, image_cache)
+    unreadable += run_stage2(model, dataset, cfg, runtime, resume if resume and resume["stage"] == 2 else None,
+                             image_cache)
     del image_cache
-    metrics = evaluate_model(model, dataset, cfg, runtime)
+    num_unreadable = _count_over_ranks(unreadable, runtime)
+    check_finite_weights(model.state_dict(), "the final model")  # every rank, as at each epoch
     if runtime.is_main:
-        save_checkpoint(runtime.output_dir / "model_final.pt",
-                        model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams))
+        if num_unreadable:
+            log.warning("%d unreadable training image(s) in total, each replaced by another image of the "
+                        "same person", num_unreadable)
+        # Saved before the evaluation, so that a failing evaluation cannot lose the trained model.
+        _save_final(runtime, model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, dataset=dataset))
+    metrics = evaluate_model(model, dataset, cfg, runtime)
+    metrics["num_unreadable_train_images"] = num_unreadable
+    if runtime.is_main:
+        _save_final(runtime, {**model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams,
+                                             dataset=dataset), "metrics": metrics})
         summary = {"dataset": cfg.data.dataset, "method": method_of(cfg), "seed": cfg.seed,
                    **metrics}
         runtime.log_metrics({"stage": "final", "eval": metrics})
@@ -188,9 +229,11 @@ def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
     weights = weights or cfg.test.weights
     if not weights:
         raise ValueError("no weights given: pass weights=PATH (a model_final.pt or checkpoint)")
+    require_file(weights)
     runtime = setup_runtime(cfg)
-    model, _ = load_trained_model(weights, cfg, device=runtime.device)
     dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+    check_valid_queries(dataset)  # before the model is loaded and any image encoded
+    model, _ = load_trained_model(weights, cfg, device=runtime.device)
     metrics = evaluate_model(model, dataset, cfg, runtime)
     if runtime.is_main:
         write_json(runtime.output_dir / "test_metrics.json", {"weights": str(weights), **metrics})

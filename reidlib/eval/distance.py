@@ -47,10 +47,30 @@ def as_features(x: Any, name: str) -> torch.Tensor:
     return feats
 
 
-def check_finite(squared_norms: torch.Tensor, name: str) -> None:
-    """Squared norms are NaN or inf exactly when a row holds NaN or inf (or overflows)."""
-    if not bool(torch.isfinite(squared_norms).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+def check_finite(squared_norms: torch.Tensor, name: str, features: torch.Tensor | None = None) -> None:
+    """Raise ValueError when a row's squared norm (or norm) is not finite, saying why.
+
+    That happens when the row holds NaN or inf, or when its values are finite but so large that
+    their squares overflow the dtype (about 1.8e19 in float32): distances would then be inf or NaN.
+    Given the ``features`` the norms came from, the message tells the two apart.
+
+    >>> x = torch.tensor([[1.0, 2.0], [1e20, 0.0]])
+    >>> check_finite(squared_norms(x), "qf", x)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: qf row 1 holds values up to 1e+20, too large for float32 distances (its squared norm ...
+    """
+    bad = ~torch.isfinite(squared_norms)
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    if features is not None and bool(torch.isfinite(features[row]).all()):
+        dtype = features.dtype
+        largest = float(features[row].abs().max())
+        raise ValueError(f"{name} row {row} holds values up to {largest:.3g}, too large for "
+                         f"{str(dtype).replace('torch.', '')} distances (its squared norm overflows "
+                         f"{str(dtype).replace('torch.', '')}'s largest value, {torch.finfo(dtype).max:.2g}); "
+                         "scale the features down or pass them as float64")
+    raise ValueError(f"{name} contains NaN or infinite values (row {row})")
 
 
 def check_metric(metric: str) -> None:
@@ -104,9 +124,11 @@ class GalleryDistance:
         body = self.gallery_t[:dim]
         body.copy_(gf.t())
         if self.normalize:
-            body.div_(torch.linalg.vector_norm(gf, dim=1).clamp_(min=1e-12))  # as F.normalize
+            norms = torch.linalg.vector_norm(gf, dim=1)
+            check_finite(norms, names[1], gf)  # an overflowing norm would zero the row silently
+            body.div_(norms.clamp_(min=1e-12))  # as F.normalize
         sq = squared_norms(body, dim=0)
-        check_finite(sq, names[1])
+        check_finite(sq, names[1], gf)
         body.mul_(-2 if self.euclidean else -1)
         self.gallery_t[dim] = 1
         if self.euclidean:
@@ -115,9 +137,10 @@ class GalleryDistance:
     def _augment(self, qf: torch.Tensor) -> torch.Tensor:
         q = qf.to(self.gallery_t.device, self.gallery_t.dtype)
         if self.normalize:
+            check_finite(torch.linalg.vector_norm(q, dim=1), self.names[0], q)
             q = F.normalize(q, dim=1)
         sq = squared_norms(q)
-        check_finite(sq, self.names[0])
+        check_finite(sq, self.names[0], q)
         ones = torch.ones(len(q), 1, dtype=q.dtype, device=q.device)
         return torch.cat([q, sq[:, None], ones] if self.euclidean else [q, ones], 1)
 

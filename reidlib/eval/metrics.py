@@ -41,6 +41,30 @@ from .distance import (
 )
 from .rerank import rerank as k_reciprocal_rerank
 
+# Why a query counts nowhere (the protocol above), as stored next to the count in the results.
+DROPPED_REASON = "no gallery image of the same identity from another camera"
+NO_VALID_QUERY = (
+    "no query has a match in the gallery from another camera (same identity, different camera); "
+    "check that q_pids/g_pids and q_camids/g_camids are right"
+)
+
+
+def valid_queries(q_pids: Any, q_camids: Any, g_pids: Any, g_camids: Any) -> torch.Tensor:
+    """Which queries the protocol scores: a bool mask, True where the gallery holds an image of
+    the query's identity from another camera. Needs only the labels, so it can run before any
+    feature is extracted.
+
+    >>> valid_queries([1, 2, 3], [0, 0, 0], [1, 2, 2], [1, 0, 1]).tolist()
+    [True, True, False]
+    """
+    q_pids, q_camids = as_tensor(q_pids, "q_pids").long(), as_tensor(q_camids, "q_camids").long()
+    g_pids, g_camids = as_tensor(g_pids, "g_pids").long(), as_tensor(g_camids, "g_camids").long()
+    if len(q_pids) == 0 or len(g_pids) == 0:
+        return torch.zeros(len(q_pids), dtype=torch.bool)
+    _, real, junk = _IdentityIndex(g_pids, g_camids).same_identity(q_pids, q_camids)
+    return (real & ~junk).any(1)
+
+
 # --------------------------------------------------------------------------------------------
 # Input handling
 # --------------------------------------------------------------------------------------------
@@ -168,14 +192,11 @@ class _MetricTotals:
         big = torch.full_like(positions, torch.iinfo(positions.dtype).max)
         self.first_hits.append(torch.where(is_match, positions, big).amin(1).cpu())
 
-    def result(self, max_rank: int) -> dict:
+    def result(self, max_rank: int, num_query: int) -> dict:
         first = torch.cat(self.first_hits) if self.first_hits else torch.zeros(0, dtype=torch.long)
         n = len(first)
         if n == 0:
-            raise ValueError(
-                "no query has a match in the gallery from another camera (same identity, different "
-                "camera); check that q_pids/g_pids and q_camids/g_camids are right"
-            )
+            raise ValueError(NO_VALID_QUERY)
         hist = torch.bincount(first.clamp(max=max_rank), minlength=max_rank + 1)
         cmc = (torch.cumsum(hist, 0)[:max_rank].double() / n).tolist()
 
@@ -190,6 +211,8 @@ class _MetricTotals:
             "mAP": self.ap / n,
             "mINP": self.inp / n,
             "num_valid_queries": n,
+            "num_dropped_queries": num_query - n,
+            "dropped_queries_reason": DROPPED_REASON,
         }
 
 
@@ -236,7 +259,8 @@ def evaluate(
 
     Returns:
         ``{"cmc": list of max_rank floats, "rank1", "rank5", "rank10", "mAP", "mINP": floats in
-        [0, 1], "num_valid_queries": int}``.
+        [0, 1], "num_valid_queries": int, "num_dropped_queries": int (queries counted nowhere),
+        "dropped_queries_reason": str (why: DROPPED_REASON)}``.
 
     Ties: the ranking is a stable sort by distance, then gallery index.
 
@@ -268,7 +292,9 @@ def evaluate(
         qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
         if qf.shape[1] != gf.shape[1]:
             raise ValueError(f"qf has dimension {qf.shape[1]} but gf has dimension {gf.shape[1]}")
-        check_finite(squared_norms(qf), "qf")  # cheap here; the gallery is checked when prepared
+        # Before any normalisation, which would turn a row too large for float32 into zeros.
+        check_finite(squared_norms(qf), "qf", qf)
+        check_finite(squared_norms(gf), "gf", gf)
         num_query, num_gallery, names = len(qf), len(gf), ("qf", "gf")
     else:
         distmat = as_tensor(distmat, "distmat")
@@ -316,7 +342,7 @@ def evaluate(
         if not has_features and not bool(torch.isfinite(sorted_dist[:, [0, -1]]).all()):
             raise ValueError("distmat contains NaN or infinite values")
         totals.add(*_match_positions(dist, sorted_dist, index, real, junk))
-    return totals.result(max_rank)
+    return totals.result(max_rank, num_query)
 
 
 class Evaluator:

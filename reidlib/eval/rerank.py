@@ -92,8 +92,8 @@ def rerank(
 
     x = torch.cat([q, g]).to(dev)
     distance = _RowDistance(x)
-    check_finite(distance.sq[:num_query], "qf")
-    check_finite(distance.sq[num_query:], "gf")
+    check_finite(distance.sq[:num_query], "qf", x[:num_query])
+    check_finite(distance.sq[num_query:], "gf", x[num_query:])
     result = torch.empty(num_query, num_gallery, dtype=torch.float32, device=dev)
     nearest = _nearest_neighbours(distance, k1, k2, chunk, result)
     members = _expanded_sets(nearest.index, k1, chunk)

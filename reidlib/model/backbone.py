@@ -46,8 +46,10 @@ TINY_CONFIGS = {
     "vit-tiny": dict(embed_dim=32, text_cfg=_TINY_TEXT,
                      vision_cfg=dict(image_size=224, layers=3, width=64, head_width=32, patch_size=16)),
     # Patch 8: at the demo's 128x64 input a 16x8 token grid, the one ViT-B/16 has at 256x128.
+    # Native input 128x64, the re-ID crop: the miniature is pretrained at that size
+    # (reidlib.engine.pretrain), so its positional embedding is used as learned, not resized.
     "vit-tiny8": dict(embed_dim=32, text_cfg=_TINY_TEXT,
-                      vision_cfg=dict(image_size=224, layers=3, width=64, head_width=32, patch_size=8)),
+                      vision_cfg=dict(image_size=(128, 64), layers=3, width=64, head_width=32, patch_size=8)),
     "rn-tiny": dict(embed_dim=32, text_cfg=_TINY_TEXT,
                     vision_cfg=dict(image_size=224, layers=[1, 1, 1, 1], width=8, head_width=32)),
 }

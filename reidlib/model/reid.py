@@ -23,6 +23,7 @@ from torch import nn
 
 from .backbone import ReIDViT, load_clip, reid_image_tower
 from .lora import apply_lora
+from .pretrained import check_source, read_trained_source, take_trained_weights
 from .prompts import TextEncoder, build_prompt_learner
 
 
@@ -131,7 +132,9 @@ def build_model(cfg, num_classes: int, num_cameras: int = 0) -> ReIDModel:
 
     Loads CLIP (``cfg.name``, ``cfg.pretrained``), adapts it and, when ``cfg.lora.enabled``,
     injects LoRA right away (B = 0: outputs are unchanged until stage 2 trains it; the state-dict
-    keys are then the same at every stage, for resuming).
+    keys are then the same at every stage, for resuming). When ``cfg.pretrained`` is a trained
+    re-ID checkpoint (reidlib's or the reference's), its encoders are taken and the identity-specific
+    parts start afresh (see :mod:`reidlib.model.pretrained`).
 
     Example::
 
@@ -141,8 +144,15 @@ def build_model(cfg, num_classes: int, num_cameras: int = 0) -> ReIDModel:
         text = model.all_text_features()                     # [751, 512]
         feats = model.eval().encode_image(images)            # [B, 1280]
     """
-    clip = load_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
+    source = read_trained_source(cfg)
+    if source is None:
+        clip = load_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
+    else:
+        check_source(cfg, source)
+        clip = load_clip(cfg.name, "none", "true" if source.quick_gelu else "false")
     model = ReIDModel(clip, cfg, num_classes, num_cameras)
+    if source is not None:       # before LoRA: the trained weights are plain Linears
+        take_trained_weights(model, source)
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora)
     return model

@@ -11,27 +11,35 @@ import sys
 import warnings
 
 from .plots import plot_bars, plot_cmc, plot_gains, plot_training_curves, read_jsonl, training_frames
-from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows
+from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows, text_search_figure
 from .tables import (
     METHOD_NAMES,
     METRIC_NAMES,
+    collect_cross,
+    collect_groups,
     collect_metrics,
     comparison_table,
+    cross_headlines,
+    cross_markdown,
+    cross_matrix,
+    cross_summary,
     headline_table,
     methods_table,
     paired_test,
     summarize,
     summary_markdown,
     to_markdown,
+    write_cross_matrix,
     write_summary,
 )
 
-__all__ = ["collect_metrics", "summarize", "paired_test", "comparison_table", "methods_table",
+__all__ = ["collect_metrics", "collect_groups", "summarize", "paired_test", "comparison_table", "methods_table",
            "summary_markdown", "to_markdown", "write_summary", "plot_bars", "plot_cmc", "plot_gains",
            "plot_training_curves", "read_jsonl", "training_frames", "rank_gallery",
            "retrieval_grid", "retrieval_rows", "attention_maps", "attention_figure",
-           "retrieval_figure", "load_run_models", "headline_table", "show_progress",
-           "METHOD_NAMES", "METRIC_NAMES"]
+           "retrieval_figure", "text_search_figure", "load_run_models", "headline_table", "show_progress",
+           "METHOD_NAMES", "METRIC_NAMES", "collect_cross", "cross_headlines", "cross_summary",
+           "cross_matrix", "cross_markdown", "write_cross_matrix"]
 
 
 def __getattr__(name):

@@ -15,6 +15,7 @@ From a distance matrix::
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -50,10 +51,23 @@ def _show(ax, path, color: str, label: str, caption: str | None = None, width: i
         ax.set_xlabel(caption, fontsize=7)
 
 
+def _show_text(ax, text: str, label: str = "query (text)") -> None:
+    """A text query in an image's place: the words, wrapped to the cell, in a query frame."""
+    ax.text(0.5, 0.5, textwrap.fill(text, width=18), ha="center", va="center", fontsize=7,
+            transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(QUERY)
+        spine.set_linewidth(6)
+    ax.set_title(label, fontsize=9)
+
+
 def retrieval_rows(rows: list[dict], out_png: str | Path | None = None, title: str | None = None):
-    """Several queries, one per row. Each row is a dict with ``query`` (path), ``gallery`` (ranked
-    paths), and optionally ``correct`` (booleans or None), ``label`` (text left of the row),
-    ``query_caption`` and ``captions`` (text under each image)."""
+    """Several queries, one per row. Each row is a dict with ``query`` (path) or ``query_text`` (a
+    caption, for text-to-image search), ``gallery`` (ranked paths), and optionally ``correct``
+    (booleans or None), ``label`` (text left of the row), ``query_caption`` and ``captions`` (text
+    under each image)."""
     top = max(len(r["gallery"]) for r in rows)
     fig, axes = plt.subplots(len(rows), top + 1, figsize=(CELL[0] * (top + 1) + 0.4, CELL[1] * len(rows) + 1.1),
                              squeeze=False, gridspec_kw={"wspace": 0.12, "hspace": 0.35})
@@ -62,7 +76,10 @@ def retrieval_rows(rows: list[dict], out_png: str | Path | None = None, title: s
         flags = row.get("correct")
         any_flags |= flags is not None
         captions = row.get("captions") or [None] * len(row["gallery"])
-        _show(axrow[0], row["query"], QUERY, "query", row.get("query_caption"))
+        if row.get("query") is None:
+            _show_text(axrow[0], row["query_text"])
+        else:
+            _show(axrow[0], row["query"], QUERY, "query", row.get("query_caption"))
         if row.get("label"):
             axrow[0].set_ylabel(row["label"], fontsize=9)
         for k, ax in enumerate(axrow[1:]):
@@ -131,3 +148,29 @@ def retrieval_figure(models: dict, dataset, query_indices, out_png: str | Path |
                          "query_caption": f"id {pid}, cam {cam}",
                          "captions": [f"id {dataset.gallery[j][1]}, cam {dataset.gallery[j][2]}" for j in order]})
     return retrieval_rows(rows, out_png, title or f"Top-{top} retrieval ({dataset.name})")
+
+
+def text_search_figure(clip, queries: list[tuple[str, int]], dataset, out_png: str | Path | None = None,
+                       top: int = 5, title: str | None = None):
+    """Zero-shot text-to-image search with a CLIP: for each ``(caption, pid)`` of ``queries``, the
+    ``top`` gallery images of ``dataset`` nearest to the caption, framed green when they show
+    person ``pid`` and red when not. ``clip``: an ``open_clip.CLIP`` (no re-ID training needed).
+
+    Example::
+
+        clip = load_clip("vit-tiny8", "data/miniature/clip-vit-tiny8-....pt")
+        text_search_figure(clip, [("a red cap, a blue long-sleeved top, ...", 17)], data, "search.png")
+    """
+    from ..data.cache import decode_images
+    from ..eval.zeroshot import search_by_text
+    g_paths = [path for path, _, _ in dataset.gallery]
+    gallery, skipped = decode_images(g_paths, clip.visual.image_size)
+    kept = sorted(set(range(len(g_paths))) - set(skipped))
+    ranked = search_by_text(clip, [caption for caption, _ in queries], gallery, top)
+    rows = []
+    for (caption, pid), order in zip(queries, ranked):
+        hits = [dataset.gallery[kept[j]] for j in order]
+        rows.append({"query_text": caption, "gallery": [path for path, _, _ in hits],
+                     "correct": [hit_pid == pid for _, hit_pid, _ in hits],
+                     "captions": [f"id {hit_pid}, cam {cam}" for _, hit_pid, cam in hits]})
+    return retrieval_rows(rows, out_png, title or f"Text-to-image search, top {top} ({dataset.name})")

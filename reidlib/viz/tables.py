@@ -64,14 +64,23 @@ def _dataset_sort_key(dataset: str):
 
 # --------------------------------------------------------------------------- collecting runs
 
+# Folders under a results root that hold no run of the table: executed notebooks, and finished
+# runs a sweep replaced because they were made with other settings (see reidlib.sweep).
+NOT_RUNS = ("runs", "superseded")
+
+
 def collect_metrics(root: str | Path) -> pd.DataFrame:
-    """One row per ``metrics.json`` found under ``root`` (any depth).
+    """One row per ``metrics.json`` found under ``root`` (any depth), except under ``runs/`` and
+    ``superseded/`` (:data:`NOT_RUNS`).
 
     Columns: dataset, method, seed, rank1, rank5, rank10, mAP, mINP (fractions, as written by
     the trainer), num_valid_queries, cmc (the list of CMC values) and path (the run folder).
     """
     rows = []
-    for path in sorted(Path(root).rglob("metrics.json")):
+    root = Path(root)
+    for path in sorted(root.rglob("metrics.json")):
+        if set(path.relative_to(root).parts[:-1]) & set(NOT_RUNS):
+            continue
         record = json.loads(path.read_text())
         record["path"] = str(path.parent)
         rows.append(record)
@@ -84,7 +93,46 @@ def collect_metrics(root: str | Path) -> pd.DataFrame:
     if len(df):
         df["seed"] = df["seed"].astype(int)
         df = df.sort_values(["dataset", "method", "seed"], key=_sort_key).reset_index(drop=True)
+        _refuse_repeated_runs(df, root)
     return df
+
+
+def _refuse_repeated_runs(runs: pd.DataFrame, root: Path) -> None:
+    """Two runs of one (dataset, method, seed) under one root would be averaged as one seed, or
+    one would silently win: e.g. the demo's runs from the miniature and from random weights."""
+    repeated = runs[runs.duplicated(["dataset", "method", "seed"], keep=False)]
+    if len(repeated):
+        first = repeated.iloc[0]
+        paths = repeated[(repeated["dataset"] == first["dataset"]) & (repeated["method"] == first["method"])
+                         & (repeated["seed"] == first["seed"])]["path"].tolist()
+        raise ValueError(f"{root} holds {len(paths)} runs of {first['dataset']} {first['method']} seed "
+                         f"{first['seed']} ({', '.join(paths)}); point it at one sweep's folder, or keep "
+                         "the groups apart with collect_groups({label: folder}) (compare.ipynb: groups=)")
+
+
+def collect_groups(groups: dict) -> pd.DataFrame:
+    """The runs of several results folders in one frame, each run's data set renamed
+    ``"<dataset>, <label>"``, so that tables, tests and figures keep the groups apart: e.g. the demo's
+    runs started from the pretrained miniature and from random weights, which share data set,
+    methods and seeds. ``groups``: label -> results folder (:func:`collect_metrics` reads each).
+
+    Example::
+
+        runs = collect_groups({"pretrained miniature": "results/demo/pretrained",
+                               "random init": "results/demo/random"})
+        summarize(runs)                # rows 'synth, pretrained miniature' and 'synth, random init'
+    """
+    if not groups:
+        raise ValueError("collect_groups: no groups given; pass {label: results folder, ...}")
+    frames = []
+    for label, root in groups.items():
+        runs = collect_metrics(root)
+        runs["dataset"] = runs["dataset"].map(lambda dataset, label=label: f"{dataset}, {label}")
+        frames.append(runs)
+    runs = pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)  # empty frames: no dtypes
+    if len(runs):
+        runs = runs.sort_values(["dataset", "method", "seed"], key=_sort_key).reset_index(drop=True)
+    return runs
 
 
 def _sort_key(col: pd.Series) -> pd.Series:
@@ -291,3 +339,100 @@ def headline_table(metrics: dict) -> pd.DataFrame:
     if "num_valid_queries" in metrics:
         row["valid queries"] = int(metrics["num_valid_queries"])
     return pd.DataFrame([row])
+
+
+# --------------------------------------------------------------------------- cross-data-set matrix
+
+# Written by reidlib.engine.cross into a run folder (the name is repeated here: tables import no torch).
+CROSS_FILE = "cross_metrics.json"
+
+
+def collect_cross(root: str | Path) -> pd.DataFrame:
+    """One row per (trained_on, tested_on, method, seed), metrics as fractions: the diagonal
+    (tested on the training data set) from each run's ``metrics.json``, the other cells from its
+    ``cross_metrics.json`` (a sweep with ``--cross``). Runs under ``runs/`` and ``superseded/`` are
+    left out, as in :func:`collect_metrics`."""
+    root = Path(root)
+    rows = [{"trained_on": r["dataset"], "tested_on": r["dataset"], "method": r["method"], "seed": int(r["seed"]),
+             **{m: r[m] for m in METRIC_NAMES}} for _, r in collect_metrics(root).iterrows()]
+    for path in sorted(root.rglob(CROSS_FILE)):
+        if set(path.relative_to(root).parts[:-1]) & set(NOT_RUNS):
+            continue
+        record = json.loads(path.read_text())
+        for target, metrics in record.get("tested_on", {}).items():
+            if target != record["trained_on"]:  # the diagonal is the in-domain run itself
+                rows.append({"trained_on": record["trained_on"], "tested_on": target, "method": record["method"],
+                             "seed": int(record["seed"]), **{m: metrics.get(m) for m in METRIC_NAMES}})
+    columns = ["trained_on", "tested_on", "method", "seed", *METRIC_NAMES]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def cross_summary(cross: pd.DataFrame, metrics: tuple[str, ...] = TESTED) -> pd.DataFrame:
+    """Mean ± std (ddof 1) over seeds, in %, per (method, trained_on, tested_on)."""
+    rows = []
+    for (method, train, test), group in cross.groupby(["method", "trained_on", "tested_on"], sort=False):
+        row = {"method": method, "trained_on": train, "tested_on": test, "n_seeds": len(group)}
+        for m in metrics:
+            values = 100 * group[m].astype(float)
+            row[f"{m}_mean"] = values.mean()
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cross_matrix(summary: pd.DataFrame, method: str, value: str = "rank1_mean") -> pd.DataFrame:
+    """The train-on-A (rows) / test-on-B (columns) matrix of one method: ``value`` is a column of
+    :func:`cross_summary` (e.g. ``mAP_std``); data sets in the thesis table's order, NaN where a
+    pair was not evaluated.
+
+    Example::
+
+        summary = cross_summary(collect_cross("results"))
+        cross_matrix(summary, "baseline", "mAP_mean")     # 3 x 3 for three data sets
+    """
+    part = summary[summary["method"] == method]
+    order = ordered_datasets(list(part["trained_on"]) + list(part["tested_on"]))
+    matrix = part.pivot(index="trained_on", columns="tested_on", values=value)
+    return matrix.reindex(index=order, columns=order)
+
+
+def cross_markdown(summary: pd.DataFrame) -> str:
+    """One table per method: rows 'trained on', columns 'tested on', cells Rank-1 / mAP (mean ±
+    std over seeds, %); the diagonal is the in-domain result."""
+    parts = ["# Cross-data-set evaluation", "",
+             "Rows: the data set a model was trained on; columns: the data set it was tested on "
+             "(query/gallery, no adaptation). Cells: Rank-1 / mAP in %, mean ± std over seeds (n). "
+             "The diagonal is the in-domain result of the same runs.", ""]
+    for method in sorted(summary["method"].unique(), key=_method_sort_key):
+        cells = {}
+        for _, r in summary[summary["method"] == method].iterrows():
+            cells[r["trained_on"], r["tested_on"]] = (f"{mean_std(r['rank1_mean'], r['rank1_std'])} / "
+                                                     f"{mean_std(r['mAP_mean'], r['mAP_std'])} ({r['n_seeds']})")
+        order = ordered_datasets([k for pair in cells for k in pair])
+        table = pd.DataFrame([{"trained on": a, **{f"tested on {b}": cells.get((a, b), "n/a") for b in order}}
+                              for a in order])
+        parts += [f"## {method_label(method)}", "", to_markdown(table), ""]
+    return "\n".join(parts)
+
+
+def write_cross_matrix(results_root: str | Path, out_dir: str | Path | None = None) -> str | None:
+    """``cross.md`` and ``cross.csv`` (the matrices of :func:`cross_markdown`, every number in the
+    csv) in ``out_dir`` (default ``results_root``); returns the markdown, or None when no run of
+    ``results_root`` has cross-data-set results (nothing is written then)."""
+    root = Path(results_root)
+    if not any(not set(p.relative_to(root).parts[:-1]) & set(NOT_RUNS) for p in root.rglob(CROSS_FILE)):
+        return None
+    summary = cross_summary(collect_cross(root))
+    out = Path(out_dir or root)
+    out.mkdir(parents=True, exist_ok=True)
+    text = cross_markdown(summary)
+    (out / "cross.md").write_text(text)
+    summary.to_csv(out / "cross.csv", index=False)
+    return text
+
+
+def cross_headlines(cross: dict) -> pd.DataFrame:
+    """What :func:`~reidlib.engine.cross.cross_evaluate` returns ({data set: metrics}) as one
+    row per tested data set, in %."""
+    frames = [headline_table(metrics).assign(**{"tested on": name}) for name, metrics in cross.items() if metrics]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

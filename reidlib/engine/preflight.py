@@ -1,0 +1,44 @@
+"""Checks a run makes before any training, so that a setting or a data set that cannot work fails
+in seconds, naming the key and the fix, instead of after stage 1 or after all training.
+
+Checked here: stage 2's P x K sampler can fill a batch (enough training identities for
+P = ims_per_batch / num_instance, and P splits over the processes), and at least one query can be
+scored (a gallery image of its identity from another camera). The output folder is checked where
+it is made (:func:`reidlib.runtime.setup_runtime`), the config values when the config is loaded.
+
+Example::
+
+    check_before_training(cfg, dataset, runtime)      # raises ValueError, or returns the valid queries
+"""
+from __future__ import annotations
+
+from ..eval.extract import check_valid_queries
+
+
+def check_sampler(cfg, num_train_ids: int, world_size: int = 1) -> None:
+    """Raise ValueError when stage 2's P x K batches cannot be formed from ``num_train_ids``.
+
+    >>> from reidlib.config import load_config
+    >>> check_sampler(load_config("tiny"), num_train_ids=5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: stage2.ims_per_batch=32 / stage2.num_instance=4 asks for 8 identities per batch, ...
+    """
+    s = cfg.stage2
+    per_batch = s.ims_per_batch // s.num_instance
+    if num_train_ids < per_batch:
+        raise ValueError(
+            f"stage2.ims_per_batch={s.ims_per_batch} / stage2.num_instance={s.num_instance} asks for "
+            f"{per_batch} identities per batch, but the training set has {num_train_ids}; set "
+            f"stage2.ims_per_batch to at most {num_train_ids * s.num_instance} (a multiple of "
+            "stage2.num_instance)")
+    if per_batch % world_size:
+        raise ValueError(
+            f"stage2.ims_per_batch={s.ims_per_batch} / stage2.num_instance={s.num_instance} = {per_batch} "
+            f"identities per batch do not split over {world_size} processes; make it a multiple of "
+            f"{world_size}")
+
+
+def check_before_training(cfg, dataset, runtime) -> int:
+    """All the checks above; returns the number of queries the final evaluation will score."""
+    check_sampler(cfg, dataset.num_train_pids, runtime.world_size)
+    return check_valid_queries(dataset)

@@ -1,0 +1,277 @@
+"""Trained weights in, features out: the one way reidlib turns images into re-ID features.
+
+:class:`FeatureExtractor` takes file paths, PIL images, H×W×3 uint8 arrays (RGB, or BGR as OpenCV
+gives them with ``bgr=True``) or an already preprocessed float batch, and returns float32 features
+[N, D] in input order. ``extract``, ``search``, evaluation during and after training and the
+notebooks all go through it, so every path applies the same test transform, flip averaging,
+precision and camera handling.
+
+Cameras: a model trained with SIE adds a learnt per-camera vector to its input, so its features
+depend on the camera id. Calling such a model without camera ids is an error, unless the caller
+chose a default (``default_camera=K``, or ``test.default_camera=K`` in a config): never a silently
+wrong row of the camera table.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..data import UnreadableImageError, build_transforms, read_image
+from ..runtime import Runtime, gather_tensor, pick_device, shard
+
+log = logging.getLogger("reidlib")
+
+# precision -> autocast dtype (None: plain fp32)
+_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision not in _AMP:
+        raise ValueError(f"precision '{precision}': use fp32, bf16, fp16 or auto")
+    return _AMP[precision]
+
+
+class _TestImages(torch.utils.data.Dataset):
+    """Test-time images; an unreadable file yields ``ok=False`` and is dropped after encoding
+    (a test image must not be replaced by another one, as training does)."""
+
+    def __init__(self, items, transform, image_size):
+        self.items, self.transform, self.image_size = list(items), transform, image_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, pid, camid = self.items[index]
+        try:
+            return self.transform(read_image(path)), pid, camid, True
+        except UnreadableImageError as err:
+            log.warning("%s; skipped", err)
+            return torch.zeros(3, *self.image_size), pid, camid, False
+
+
+class FeatureExtractor:
+    """Re-ID features of images from a trained model (a reidlib checkpoint or a reference state dict).
+
+    Example::
+
+        from reidlib import FeatureExtractor
+        extractor = FeatureExtractor("model_final.pt", device="cuda", precision="bf16", batch_size=256)
+        feats = extractor(["a.jpg", "b.jpg"], cameras=[0, 3])       # torch.float32 [2, D], input order
+        feats = extractor(crops, bgr=True)                          # OpenCV H×W×3 uint8 crops
+        feats = extractor(batch)                                    # [N, 3, H, W], already normalised
+
+    ``config`` (a :class:`reidlib.Config`) supplies the test transform and, for a reference state
+    dict, what the file cannot tell; by default a reidlib checkpoint's own config is used.
+    ``flip`` averages each image's features with its mirror's (default: ``config.test.flip``).
+    """
+
+    def __init__(self, weights, device: str = "auto", precision: str = "fp32", batch_size: int = 64, *,
+                 config=None, default_camera: int | None = None, flip: bool | None = None, num_workers: int = 0):
+        from ..model.io import load_trained_model
+        torch_device = pick_device(device)
+        model, cfg = load_trained_model(weights, config, device=torch_device)
+        self._setup(model, cfg, Runtime(device=torch_device, amp_dtype=None, output_dir=None),
+                    _amp_dtype(precision, torch_device), batch_size, default_camera, flip, num_workers)
+
+    @classmethod
+    def from_model(cls, model, cfg, runtime: Runtime | None = None, precision: str | None = None,
+                   batch_size: int | None = None, default_camera: int | None = None) -> "FeatureExtractor":
+        """An extractor around a model in memory (during training, or loaded by the caller).
+
+        ``cfg`` gives the transform, ``test.batch_size``, ``test.flip``, ``test.precision`` and
+        ``test.default_camera``; ``runtime`` the device and, under torchrun, the shards.
+        """
+        self = cls.__new__(cls)
+        runtime = runtime or Runtime(device=pick_device(cfg.device), amp_dtype=None, output_dir=None)
+        if default_camera is None and getattr(cfg.test, "default_camera", -1) >= 0:
+            default_camera = cfg.test.default_camera
+        self._setup(model, cfg, runtime, _amp_dtype(precision or cfg.test.precision, runtime.device),
+                    batch_size or cfg.test.batch_size, default_camera, None, cfg.data.num_workers)
+        return self
+
+    def _setup(self, model, cfg, runtime, amp_dtype, batch_size, default_camera, flip, num_workers) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be a positive number of images")
+        self.model, self.cfg, self.runtime, self.amp_dtype = model, cfg, runtime, amp_dtype
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.flip = cfg.test.flip if flip is None else flip
+        self.image_size = tuple(int(s) for s in cfg.model.image_size)
+        self.transform = build_transforms(cfg.data, self.image_size, train=False)
+        self.num_cameras = model.sie_embed.shape[0] if getattr(model, "uses_sie", False) else 0
+        if default_camera is not None and self.num_cameras and not 0 <= default_camera < self.num_cameras:
+            raise ValueError(f"default_camera={default_camera}: this model knows cameras 0..{self.num_cameras - 1}")
+        self.default_camera = default_camera
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
+
+    @property
+    def uses_sie(self) -> bool:
+        """Whether features depend on camera ids (the model was trained with SIE)."""
+        return self.num_cameras > 0
+
+    # ------------------------------------------------------------------ images in memory
+
+    def __call__(self, images, cameras=None, *, bgr: bool = False) -> torch.Tensor:
+        """Features [N, D] (float32, CPU) of ``images``, in their order.
+
+        ``images``: a path, a PIL image, an H×W×3 uint8 array, a list of those, an N×H×W×3 uint8
+        array, or a float batch [N, 3, H, W] already resized and normalised. ``cameras``: one
+        0-based id per image (or one for all); needed when the model uses SIE, ignored otherwise. ``bgr``: the arrays
+        are BGR (OpenCV) rather than RGB.
+        """
+        batch = _as_float_batch(images)
+        if batch is not None:
+            if tuple(batch.shape[1:]) != (3, *self.image_size):
+                raise ValueError(f"a preprocessed batch must be [N, 3, {self.image_size[0]}, {self.image_size[1]}] "
+                                 f"(resized and normalised); got {list(batch.shape)}")
+            tensors = list(batch)
+        else:
+            tensors = [self.transform(_as_pil(image, bgr)) for image in _as_list(images)]
+        cams = self._cameras(cameras, len(tensors))
+        out = [self._encode(torch.stack(tensors[i:i + self.batch_size]),
+                            None if cams is None else cams[i:i + self.batch_size])
+               for i in range(0, len(tensors), self.batch_size)]
+        return torch.cat(out).cpu() if out else torch.zeros(0, self.feature_dim)
+
+    def _cameras(self, cameras, n: int) -> torch.Tensor | None:
+        if not self.uses_sie:
+            return None
+        if cameras is None:
+            if self.default_camera is None:
+                raise ValueError(f"this model was trained with SIE ({self.num_cameras} cameras): pass cameras=[...] "
+                                 "(0-based, one per image), or choose a default with default_camera=K")
+            cameras = self.default_camera
+        cams = torch.as_tensor(cameras, dtype=torch.long).reshape(-1)
+        if cams.numel() == 1:
+            cams = cams.expand(n)
+        if cams.numel() != n:
+            raise ValueError(f"{cams.numel()} camera ids for {n} images: give one per image, or one for all")
+        if n and not (0 <= int(cams.min()) and int(cams.max()) < self.num_cameras):
+            raise ValueError(f"camera ids must lie in 0..{self.num_cameras - 1} (0-based) for this model; "
+                             f"got {int(cams.min())}..{int(cams.max())}")
+        return cams
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
+        """Features of one batch on the model's device, float32; the mirror's averaged in with ``flip``."""
+        was_training = self.model.training
+        self.model.eval()
+        device = self.runtime.device
+        images = images.to(device, non_blocking=True)
+        cams = None if cams is None else cams.to(device)
+        amp = (contextlib.nullcontext() if self.amp_dtype is None
+               else torch.autocast(device_type=device.type, dtype=self.amp_dtype))
+        with amp:
+            feats = self.model.encode_image(images, cams=cams).float()
+            if self.flip:
+                feats = (feats + self.model.encode_image(images.flip(-1), cams=cams).float()) / 2
+        self.model.train(was_training)
+        return feats
+
+    # ------------------------------------------------------------------ images on disk
+
+    def extract_items(self, items, desc: str = "features", progress: bool = True):
+        """Features of (path, pid, camid) ``items`` with a DataLoader, for folders and data sets.
+
+        Returns ``(features [K, D], pids [K], camids [K], kept [N] bool)``: unreadable images are
+        skipped and counted in a warning. Under torchrun each rank encodes a contiguous shard, then
+        the shards are gathered in order. Items without a camera (camid < 0) take the default
+        camera when the model uses SIE, and are an error when there is none.
+        """
+        items = list(items)
+        self._check_item_cameras(items, desc)
+        feats, pids, camids, keep = self._extract_items(items, desc, progress)
+        if not bool(keep.all()):
+            log.warning("%s: %d unreadable image(s) skipped", desc, int((~keep).sum()))
+        return feats[keep], pids[keep], camids[keep], keep
+
+    def _check_item_cameras(self, items, desc: str) -> None:
+        if not self.uses_sie:
+            return
+        unknown = [path for path, _, cam in items if cam < 0]
+        if unknown and self.default_camera is None:
+            raise ValueError(f"{desc}: {len(unknown)} image(s) have no camera id (e.g. {Path(unknown[0]).name}) and "
+                             f"this model was trained with SIE ({self.num_cameras} cameras); name them Market-style "
+                             "(PPPP_cC...) or set test.default_camera=K (FeatureExtractor(default_camera=K))")
+        too_high = [path for path, _, cam in items if cam >= self.num_cameras]
+        if too_high:
+            raise ValueError(f"{desc}: camera ids up to {max(c for _, _, c in items)} but this model knows "
+                             f"{self.num_cameras} cameras (e.g. {Path(too_high[0]).name})")
+
+    @torch.no_grad()
+    def _extract_items(self, items, desc, progress):
+        runtime = self.runtime
+        dataset = _TestImages(items, self.transform, self.image_size)
+        local = Subset(dataset, list(shard(len(dataset), runtime)))
+        loader = DataLoader(local, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                            pin_memory=runtime.device.type == "cuda")
+        feats, pids, camids, oks = [], [], [], []
+        bar = tqdm(loader, desc=desc, disable=not (progress and runtime.is_main), leave=False)
+        for images, pid, camid, ok in bar:
+            cams = None
+            if self.uses_sie:
+                cams = torch.where(camid < 0, torch.full_like(camid, self.default_camera or 0), camid)
+            feats.append(self._encode(images, cams))
+            pids.append(pid)
+            camids.append(camid)
+            oks.append(ok.to(torch.uint8))
+        out = torch.cat(feats) if feats else torch.zeros(0, self.feature_dim, device=runtime.device)
+        out = gather_tensor(out, runtime).cpu()
+        pid_t = gather_tensor(torch.cat(pids) if pids else torch.zeros(0, dtype=torch.long), runtime)
+        cam_t = gather_tensor(torch.cat(camids) if camids else torch.zeros(0, dtype=torch.long), runtime)
+        ok_t = gather_tensor(torch.cat(oks) if oks else torch.zeros(0, dtype=torch.uint8), runtime)
+        return out, pid_t.cpu(), cam_t.cpu(), ok_t.cpu().bool()
+
+
+# --------------------------------------------------------------------------- input kinds
+
+def _as_float_batch(images) -> torch.Tensor | None:
+    """A preprocessed float batch [N, 3, H, W] (or one image [3, H, W]) as a tensor; None otherwise."""
+    if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        if images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4:
+            raise ValueError(f"a preprocessed batch must be [N, 3, H, W]; got {list(images.shape)}")
+        return images.float()
+    return None
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+def _as_pil(image, bgr: bool) -> Image.Image:
+    """One image as an RGB PIL image: a path (decoded fully), a PIL image, or an H×W×3 uint8 array."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"an image array must be H×W×3 uint8 (0-255); got {image.dtype} {list(image.shape)} "
+                             "(a float batch must be [N, 3, H, W], already normalised)")
+        return Image.fromarray(np.ascontiguousarray(image[:, :, ::-1] if bgr else image), "RGB")
+    raise TypeError(f"cannot read an image from a {type(image).__name__}: pass paths, PIL images, H×W×3 uint8 "
+                    "arrays or a float batch [N, 3, H, W]")

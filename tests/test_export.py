@@ -1,0 +1,132 @@
+"""Export: ONNX (run with onnxruntime on the CPU) and TorchScript give PyTorch's features."""
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reidlib
+from reidlib.config import load_config
+from reidlib.data import list_image_folder
+from reidlib.export import export_model
+from reidlib.files import save_checkpoint
+from reidlib.model import build_model
+from reidlib.model.io import model_record
+
+ort = pytest.importorskip("onnxruntime", reason="install the export extra: pip install 'reidlib[export]'")
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+BATCH = torch.randn(5, 3, 128, 64, generator=torch.Generator().manual_seed(3))   # not the export's batch of 2
+CAMS = torch.tensor([0, 2, 1, 1, 0])
+
+
+def _saved(tmp_path, *overrides):
+    """A tiny model with trained-looking LoRA and BN statistics, saved: (path, model)."""
+    cfg = load_config("tiny", ["device=cpu", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=5, num_cameras=3).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.05)
+        model.bottleneck.running_mean.normal_()
+    return save_checkpoint(tmp_path / "model.pt", model_record(model, cfg, 5, 3)), model
+
+
+def _relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("overrides", [["model.lora.enabled=true", "model.neck_feat=after"],
+                                       ["model.sie_camera=true"]], ids=["lora", "sie"])
+def test_onnx_and_torchscript_equal_pytorch(tmp_path, overrides):
+    path, model = _saved(tmp_path, *overrides)
+    sie = model.uses_sie
+    with torch.no_grad():
+        expected = model.encode_image(BATCH, CAMS if sie else None)
+    onnx_path = export_model(path, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {"images": BATCH.numpy(), **({"cameras": CAMS.numpy()} if sie else {})}
+    assert [i.name for i in session.get_inputs()] == list(feeds)
+    onnx_out = session.run(["features"], feeds)[0]
+    assert onnx_out.shape == (5, model.feature_dim) and onnx_out.dtype == np.float32
+    assert _relative(onnx_out, expected) <= 1e-4
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["image_size"] == "[128, 64]" and meta["num_cameras"] == ("3" if sie else "0")
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.data"))   # one file, written atomically
+    ts_path = export_model(path, tmp_path / "model_ts.pt", format="torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.load(str(ts_path))
+    with torch.no_grad():
+        ts_out = traced(BATCH, CAMS) if sie else traced(BATCH)
+    assert _relative(ts_out, expected) <= 1e-4
+
+
+def test_half_onnx_runs_in_fp16(tmp_path):
+    path, model = _saved(tmp_path)
+    with torch.no_grad():
+        expected = model.encode_image(BATCH)
+    session = ort.InferenceSession(str(export_model(path, tmp_path / "h.onnx", half=True)),
+                                   providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    out = session.run(None, {"images": BATCH.half().numpy()})[0]
+    assert out.dtype == np.float32 and _relative(out, expected) <= 1e-2      # fp16 weights: ~1e-3
+    import onnx
+    sizes = {}
+    for init in onnx.load(str(tmp_path / "h.onnx")).graph.initializer:    # the weights are stored in fp16
+        n = int(np.prod(init.dims))
+        sizes[init.data_type] = sizes.get(init.data_type, 0) + n
+    assert sizes.get(onnx.TensorProto.FLOAT16, 0) > 0.95 * sum(sizes.values())
+
+
+def test_readme_onnxruntime_lines_give_the_extractor_features(tmp_path, synth_root):
+    """The README's ten lines, run as written on a folder of crops next to an exported model."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Export"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "onnxruntime" in code and len(code.strip().splitlines()) <= 12
+    path, _ = _saved(tmp_path)
+    export_model(path, tmp_path / "model.onnx")
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    paths = [p for p, _, _ in list_image_folder(synth_root / "query")][:4]
+    for i, p in enumerate(paths):
+        (crops / f"person{i}.jpg").write_bytes(Path(p).read_bytes())
+    namespace = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    expected = reidlib.FeatureExtractor(path, device="cpu")(sorted(str(p) for p in crops.glob("*.jpg")))
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    assert _relative(namespace["feats"], expected) <= 1e-4
+
+
+def test_cli_export_and_info(tmp_path, capsys):
+    from reidlib.__main__ import main
+    path, model = _saved(tmp_path, "model.sie_camera=true")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "reidlib", "export", f"weights={path}", "format=onnx",
+                           f"out={tmp_path / 'cli.onnx'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    session = ort.InferenceSession(str(tmp_path / "cli.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model.encode_image(BATCH, CAMS)
+    assert _relative(session.run(None, {"images": BATCH.numpy(), "cameras": CAMS.numpy()})[0], expected) <= 1e-4
+    assert main(["export", f"weights={path}", "format=tflite", f"out={tmp_path / 'x'}"]) == 2
+    assert "format=tflite: use onnx or torchscript" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="missing out="):
+        main(["export", f"weights={path}", "format=onnx"])
+    assert main(["info", f"weights={path}"]) == 0
+    out = capsys.readouterr().out
+    assert "SIE: 3 cameras" in out and "reidlib_version:" in out and "created:" in out
