@@ -20,7 +20,7 @@ from reidlib.data.synth import generate_market, generate_web, read_captions
 from reidlib.engine.pretrain import PretrainRecipe, build_miniature, miniature_path, pretrain_clip
 from reidlib.eval.extract import evaluate_model
 from reidlib.eval.zeroshot import PIXEL_MEAN, PIXEL_STD, caption_retrieval
-from reidlib.files import load_checkpoint
+from reidlib.files import load_checkpoint, save_checkpoint
 from reidlib.model import build_model, load_clip
 from reidlib.model.io import uses_quick_gelu
 
@@ -72,6 +72,11 @@ def test_a_cached_miniature_is_reused_and_a_corrupt_one_rebuilt(tiny_build):
     assert load_checkpoint(tiny_build)["state_dict"].keys() == torch.load(tiny_build)["state_dict"].keys()
     record = json.loads(tiny_build.with_suffix(".json").read_text())
     assert record["recipe"] == dataclasses.asdict(TINY) and len(record["loss"]) == len(record["step"]) == 2
+    state = load_checkpoint(tiny_build)
+    save_checkpoint(tiny_build, {**state, "recipe": {**state["recipe"], "seed": 7}})   # not what the name says
+    lines.clear()
+    assert build_miniature(TINY, tiny_build.parent, echo=lines.append) == tiny_build
+    assert "holds another recipe" in lines[0] and load_checkpoint(tiny_build)["recipe"]["seed"] == TINY.seed
 
 
 def test_same_recipe_same_weights_other_seed_other_weights(tiny_build):
@@ -96,6 +101,16 @@ def test_command_line_builds_then_finds_the_file(tmp_path, capsys):
     assert f"model.pretrained={path}" in first and "written to" in first and path.is_file()
     assert cli(["pretrain", *args]) == 0
     assert "cached" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 1), ("warmup_steps", 9), ("lr", -1.0)])
+def test_a_bad_recipe_is_a_one_line_error(field, value, capsys):
+    with pytest.raises(ValueError, match=f"pretraining recipe: .*{field}"):
+        dataclasses.replace(TINY, **{field: value})
+    shorter = ["--steps", "3"] if field != "steps" else []
+    assert cli(["pretrain", "--" + field.replace("_", "-"), str(value), *shorter]) == 2   # before any work
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and field in error
 
 
 def test_a_too_small_web_set_is_a_clear_error(tmp_path):
