@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .config import run_dir
+from .config import load_config, run_dir
 from .sweep import ATTENTION_NOTEBOOK, COMPARE_NOTEBOOK, error_message, execute_notebook, run_sweep
 
 DATASET = "synth"
@@ -73,10 +74,9 @@ def zero_shot_figure(miniature: str | Path, data, out_png: str | Path, top: int 
     import matplotlib.pyplot as plt
 
     from .data.synth import read_captions
-    from .files import load_checkpoint
     from .model.backbone import load_clip
     from .viz.retrieval import text_search_figure
-    clip = load_clip(load_checkpoint(miniature)["name"], str(miniature))
+    clip = load_clip(load_config("tiny").model.name, str(miniature))   # the architecture the runs train
     queries = zero_shot_queries(data, read_captions(data.root))
     figure = text_search_figure(clip, queries, data, out_png, top=top,
                                 title=f"Zero-shot text-to-image search, pretrained miniature, top {top} ({data.name})")
@@ -106,20 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _miniature(args, echo) -> Path:
-    """The miniature's checkpoint: the one given, or the cached one for the default recipe (built
-    here the first time, on two threads: one process then has the machine; the runs take one each)."""
+def _miniature(args) -> Path:
+    """The miniature's checkpoint: the one given, or the cached one of the default recipe, built
+    the first time by ``python -m reidlib pretrain`` in a process of its own: there torch starts with
+    two threads that sleep while they wait (OMP_WAIT_POLICY, read when torch loads), where this
+    process has torch loaded already and its runs take one thread each."""
+    from .engine.pretrain import PretrainRecipe, miniature_path
     if args.miniature:
         return Path(args.miniature)
-    import torch
-
-    from .engine.pretrain import PretrainRecipe, build_miniature
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    try:
-        return build_miniature(PretrainRecipe(), args.cache, device=args.device, echo=echo)
-    finally:
-        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1)), "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "reidlib", "pretrain", "--cache", args.cache, "--device", args.device]
+    if subprocess.run(command, env=env).returncode != 0:
+        raise RuntimeError(f"pretraining the miniature failed ({' '.join(command[1:])}); see the lines above")
+    return miniature_path(PretrainRecipe(), args.cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import load_dataset
     data = load_dataset(DATASET, root)
     echo(data.stats_table())
-    miniature = _miniature(args, echo)
+    miniature = _miniature(args)
     results = Path(args.results)
     reports = {}
     for label, group in GROUPS.items():

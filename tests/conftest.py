@@ -38,7 +38,16 @@ def tiny_trained(synth_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def miniature(tmp_path_factory):
     """(checkpoint path, recipe) of the miniature CLIP pretrained for the tests: the demo's recipe
-    with 300 steps instead of 500 (about a minute on 2 cores), built once per session."""
-    from reidlib.engine.pretrain import PretrainRecipe, build_miniature
-    recipe = PretrainRecipe(steps=300, warmup_steps=30)
-    return build_miniature(recipe, tmp_path_factory.mktemp("miniature"), echo=lambda text: None), recipe
+    with 300 steps instead of 500 (about a minute on 2 cores), built once per session by
+    ``python -m reidlib pretrain``, as the demo builds it (a process of its own, whose torch threads
+    sleep while they wait: threads spinning in this process crawl when other jobs share the cores)."""
+    import subprocess
+    import sys
+
+    from reidlib.engine.pretrain import PretrainRecipe, miniature_path
+    recipe, cache = PretrainRecipe(steps=300, warmup_steps=30), tmp_path_factory.mktemp("miniature")
+    command = [sys.executable, "-m", "reidlib", "pretrain", "--cache", str(cache), "--steps", str(recipe.steps),
+               "--warmup-steps", str(recipe.warmup_steps)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return miniature_path(recipe, cache), recipe
