@@ -106,8 +106,8 @@ def bench_stage2(model, cfg, runtime, dataset, cache, args) -> float:
         if batch is None:  # a new epoch when the sampler runs out (small sets)
             stream, epoch = batches.epoch(epoch), epoch + 1
             batch = next(stream)
-        images, pids, _ = batch
-        stage2_step(module, optimizer, loss_fn, text_feats, images, pids, None, runtime)
+        images, pids, _, _ = batch
+        stage2_step(module, optimizer, loss_fn, text_feats, images, pids, None, None, runtime)
 
     seconds = timed(step, runtime.device, args.warmup, args.steps)
     return cfg.stage2.ims_per_batch / seconds

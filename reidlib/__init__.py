@@ -16,6 +16,7 @@ from .config import Config, help_text, load_config, method_config
 __version__ = "0.1.0"
 
 __all__ = ["Config", "load_config", "method_config", "help_text", "build_model", "load_dataset",
+           "dataset_from_config",
            "train", "test", "evaluate", "rerank", "extract_features", "load_trained_model", "FeatureExtractor",
            "export_model", "build_miniature"]
 
@@ -26,9 +27,9 @@ def __getattr__(name):
     if name == "build_model":
         from .model import build_model
         return build_model
-    if name == "load_dataset":
-        from .data import load_dataset
-        return load_dataset
+    if name in ("load_dataset", "dataset_from_config"):
+        from . import data
+        return getattr(data, name)
     if name in ("train", "test"):
         from .engine import trainer
         return getattr(trainer, name)

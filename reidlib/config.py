@@ -52,7 +52,8 @@ class ModelConfig:
     quick_gelu: str = opt("auto", "QuickGELU activations: auto (on for OpenAI weights, which were trained with it) | true | false")
     image_size: list = opt([256, 128], "input height, width")
     stride: int = opt(0, "patch-embedding stride; 0 = the patch size (16 for ViT-B/16); 12 gives overlapping patches (OLP)")
-    sie_camera: bool = opt(False, "side information embedding: a learnable per-camera vector added to the CLS token")
+    sie_camera: bool = opt(False, "side information embedding (SIE): a learnable per-camera vector added to the CLS token")
+    sie_view: bool = opt(False, "SIE over viewpoints (VeRi-776's view labels); with sie_camera one vector per (camera, view) pair, row camera * num_views + view, as the reference")
     sie_coe: float = opt(3.0, "SIE coefficient (1.0 in the SIE+OLP setting)")
     neck_feat: str = opt("before", "test feature taken before or after the BNNeck: before | after")
     prompt: str = opt("clipreid", "prompt learner: clipreid (per-ID tokens at the input) | deep (shared + per-ID tokens in intermediate text layers)")
@@ -67,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("market1501", "market1501 | dukemtmc | msmt17 | iust | occ_duke | folder | synth (the generated set)")
+    dataset: str = opt("market1501", "market1501 | dukemtmc | msmt17 | iust | occ_duke | veri | vehicleid | folder | synth (the generated set)")
     root: str = opt("data", "folder that holds the data set (its usual nesting is found automatically)")
     num_workers: int = opt(4, "DataLoader worker processes (0 = main process)")
     padding: int = opt(10, "zero padding before the random crop")
@@ -78,6 +79,7 @@ class DataConfig:
     interpolation: str = opt("bicubic", "resize interpolation, train and test alike (the reference tests with bilinear: set test_interpolation)")
     test_interpolation: str = opt("bicubic", "resize interpolation at test time")
     gpu_augment: bool = opt(True, "on CUDA: decode the train set once to a uint8 cache and augment on the GPU")
+    test_size: int = opt(800, "VehicleID only: test list to evaluate on, 800 | 1600 | 2400 identities (train_test_split/test_list_N.txt)")
 
 
 @dataclass
@@ -130,6 +132,8 @@ class TestConfig:
     max_rank: int = opt(50, "length of the CMC curve")
     precision: str = opt("fp32", "feature extraction: fp32 (as the reference) | bf16 (autocast) | auto (bf16 on CUDA, fp32 on CPU); training keeps the top-level precision")
     default_camera: int = opt(-1, "with a model trained with SIE: the 0-based camera id of images that have none (names not Market-style); -1 makes such images an error")
+    default_view: int = opt(-1, "with a model trained with view SIE (model.sie_view): the 0-based view id of images that have none; -1 makes such images an error")
+    trials: int = opt(10, "VehicleID only: random gallery draws (one image per identity) the metrics are averaged over; trial k draws with seed k")
 
 
 @dataclass
@@ -159,6 +163,24 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 
 
 BASE_OWNED_KEYS = ("model.name", "model.pretrained", "model.lora.lr")
+
+# Data sets whose reference settings differ from the person ones (input size, class word, schedule):
+# the shipped config that holds them. A sweep applies that file's own keys to every method's config.
+DATASET_CONFIGS: dict[str, str] = {"veri": "vit_clipreid_veri", "vehicleid": "vit_clipreid_vehicleid"}
+
+
+def dataset_keys(dataset: str) -> list[str]:
+    """``key=value`` settings of ``dataset``'s own config (:data:`DATASET_CONFIGS`): the keys its
+    file sets itself, not those of its base, and not ``output_dir``; [] for the person data sets.
+
+    >>> dataset_keys("veri")
+    ['model.image_size=[256, 256]', 'model.class_token=vehicle', 'data.dataset=veri', 'stage1.epochs=60']
+    """
+    if dataset not in DATASET_CONFIGS:
+        return []
+    with open(resolve_config_path(DATASET_CONFIGS[dataset])) as fh:
+        own = flatten(yaml.safe_load(fh) or {})
+    return [f"{k}={v}" for k, v in own.items() if k not in ("base", "output_dir")]
 
 
 def method_of(cfg: Config) -> str:
@@ -454,6 +476,9 @@ RANGES: dict[str, Rule] = {
     "stage*.warmup_epochs": _NON_NEGATIVE, "stage*.weight_decay*": _NON_NEGATIVE,
     "test.k1": _COUNT, "test.k2": _COUNT, "test.lambda_value": _PROBABILITY, "test.max_rank": _COUNT,
     "test.default_camera": Rule(lambda v: v >= -1, "a 0-based camera id, or -1 for none"),
+    "test.default_view": Rule(lambda v: v >= -1, "a 0-based view id, or -1 for none"),
+    "test.trials": _COUNT,
+    "data.test_size": Rule(lambda v: v in (800, 1600, 2400), "one of VehicleID's test sizes 800, 1600, 2400"),
     "seed": _NON_NEGATIVE,
 }
 

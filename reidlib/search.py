@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import list_image_folder, parse_market_name
+from .data.datasets import list_image_folder, parse_identity_name
 from .eval.distance import compute_distance
 from .eval.extractor import FeatureExtractor
 
@@ -77,17 +77,19 @@ def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
     if not query.is_file():
         raise FileNotFoundError(f"query image not found: {query}")
     extractor = _extractor_for(cfg)
-    q_pid, q_cam = parse_market_name(query.name) or (-1, 0)
-    q_item = (str(query), q_pid, q_cam - 1)
+    q_pid, q_cam = parse_identity_name(query.name) or (-1, None)
+    q_item = (str(query), q_pid, -1 if q_cam is None else q_cam - 1)
     qf, _, _, _ = extractor.extract_items([q_item], desc="query", progress=False)
     if len(qf) == 0:
         raise ValueError(f"cannot read the query image {query}")
     gf, paths, g_pids, g_cams = _gallery(extractor, gallery)
     dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm)[0]
     dist = torch.as_tensor(dist)
-    # Same protocol as evaluation: a gallery image of the same person and camera is junk.
-    junk = torch.from_numpy((np.asarray(g_pids) == q_item[1]) & (np.asarray(g_cams) == q_item[2])
-                            & (q_item[1] >= 0))
+    # Same protocol as evaluation: a gallery image of the same person and camera is junk; without a
+    # camera id only the query's own file is.
+    same_file = np.array([Path(p).resolve() == query.resolve() for p in paths], dtype=bool)
+    same_camera = (np.asarray(g_pids) == q_item[1]) & (np.asarray(g_cams) == q_item[2]) & (q_item[1] >= 0)
+    junk = torch.from_numpy(same_file | (same_camera & (q_item[2] >= 0)))
     order = [i for i in torch.argsort(dist, stable=True).tolist() if not junk[i]][:top]
     ranked = [(str(paths[i]), float(dist[i])) for i in order]
     for rank, (path, d) in enumerate(ranked, 1):

@@ -57,7 +57,7 @@ from pathlib import Path
 import yaml
 
 from .claims import claim_run, owner_record, read_claim, release_claim
-from .config import METHODS, config_diff, method_config, run_dir, to_dict
+from .config import METHODS, config_diff, dataset_keys, method_config, run_dir, to_dict
 from .engine.checkpoint import RESUME_IGNORE
 from .launch import LAUNCHERS, gpu_slots, make_executor, train_run, worker_environment
 
@@ -86,10 +86,12 @@ def run_config(dataset: str, method: str, seed: int, data_root: str | None = Non
     """The :class:`~reidlib.config.Config` of one run (what train_eval.ipynb trains).
 
     The run's own keys come first, so ``overrides`` (``key=value`` strings) may still change any
-    of them. ``base_config=None`` gives the method's real ViT-B/16 config, ``"tiny"`` the small
-    random-init model for CPU tests and the demo.
+    of them. ``base_config=None`` gives the method's real ViT-B/16 config (for VeRi-776 and
+    VehicleID with the reference's vehicle settings, :func:`~reidlib.config.dataset_keys`),
+    ``"tiny"`` the small random-init model for CPU tests and the demo.
     """
-    keys = [f"data.dataset={dataset}", f"seed={seed}", f"device={device}",
+    vehicle = dataset_keys(dataset) if base_config is None else []
+    keys = [*vehicle, f"data.dataset={dataset}", f"seed={seed}", f"device={device}",
             f"output_dir={output_dir or run_dir(results_root, dataset, method, seed)}"]
     if data_root:
         keys.append(f"data.root={data_root}")

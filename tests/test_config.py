@@ -1,7 +1,16 @@
 """Typed config: YAML chain, overrides, did-you-mean errors, round trip through a dict."""
 import pytest
 
-from reidlib.config import Config, all_keys, config_from_dict, help_text, load_config, method_config, to_dict
+from reidlib.config import (
+    Config,
+    all_keys,
+    config_diff,
+    config_from_dict,
+    help_text,
+    load_config,
+    method_config,
+    to_dict,
+)
 
 
 def test_defaults_are_the_reference_values():
@@ -76,3 +85,17 @@ def test_every_key_is_documented():
     assert all(text for _, text, _ in keys.values())
     assert "stage2.eval_period" in help_text()
     assert isinstance(Config().model.lora.targets, list)
+
+
+@pytest.mark.parametrize("dataset, method, shipped", [("veri", "baseline", "vit_clipreid_veri"),
+                                                      ("veri", "proposed", "vit_proposed_veri"),
+                                                      ("vehicleid", "baseline", "vit_clipreid_vehicleid")])
+def test_a_vehicle_sweep_run_uses_the_shipped_vehicle_config(dataset, method, shipped):
+    from reidlib.sweep import run_config
+    swept = to_dict(run_config(dataset, method, 1234, device="auto"))
+    differ = config_diff(swept, to_dict(load_config(shipped)))
+    assert differ == [f"output_dir: 'results/{dataset}/{method}/seed1234' (checkpoint) != "
+                      f"'results/runs/{shipped}' (current)"]
+    assert swept["model"]["class_token"] == "vehicle" and swept["model"]["image_size"] == [256, 256]
+    person = to_dict(run_config("market1501", method, 1234))
+    assert person["model"]["class_token"] == "person" and person["model"]["image_size"] == [256, 128]

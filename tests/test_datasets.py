@@ -10,7 +10,15 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from reidlib.data import ImageDataset, TrainImageCache, UnreadableImageError, dataset_names, load_dataset, read_image
+from reidlib.data import (
+    ImageDataset,
+    TrainImageCache,
+    UnreadableImageError,
+    dataset_names,
+    list_image_folder,
+    load_dataset,
+    read_image,
+)
 
 # A tiny Market-style set: train pids 7 and 3 (relabelled 3->0, 7->1), a distractor (0) and junk (-1).
 TRAIN = ["0007_c1s1_000001_01.jpg", "0007_c2s1_000002_01.jpg", "0003_c3s1_000003_01.jpg",
@@ -163,8 +171,8 @@ def test_folder_csv(tmp_path):
 
 def test_folder_csv_bad_rows(tmp_path):
     touch(tmp_path, ["a.jpg"])
-    (tmp_path / "train.csv").write_text("path,pid\na.jpg,1\n")
-    with pytest.raises(ValueError, match="lacks column.*camid"):
+    (tmp_path / "train.csv").write_text("path,camid\na.jpg,1\n")
+    with pytest.raises(ValueError, match="lacks column.*pid"):
         load_dataset("folder", tmp_path, train_only=True)
     (tmp_path / "train.csv").write_text("path,pid,camid\na.jpg,one,1\n")
     with pytest.raises(ValueError, match="line 2"):
@@ -172,6 +180,71 @@ def test_folder_csv_bad_rows(tmp_path):
     (tmp_path / "train.csv").write_text("path,pid,camid\nmissing.jpg,1,1\n")
     with pytest.raises(FileNotFoundError, match="relative to"):
         load_dataset("folder", tmp_path, train_only=True)
+
+
+def test_folder_csv_without_cameras(tmp_path, caplog):
+    touch(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    (tmp_path / "train.csv").write_text("path,pid\nimgs/b.jpg,42\nimgs/a.jpg,17\n")
+    (tmp_path / "query.csv").write_text("path,pid,note\nimgs/c.jpg,5,x\n")
+    (tmp_path / "gallery.csv").write_text("path,pid\nimgs/d.jpg,5\n")
+    with caplog.at_level(logging.INFO, logger="reidlib.data"):
+        ds = load_dataset("folder", tmp_path)
+    assert [(Path(p).name, pid, cam) for p, pid, cam in ds.train] == [("a.jpg", 0, -1), ("b.jpg", 1, -1)]
+    assert [(pid, cam) for _, pid, cam in ds.query + ds.gallery] == [(5, -1), (5, -1)]
+    assert not ds.has_cameras and ds.num_train_cams == 0 and ds.stats()["train"]["cameras"] == 0
+    assert caplog.text.count("no camera ids") == 1
+    assert ds.stats_table().splitlines()[3].split()[-1] == "-"
+
+
+def test_folder_csv_cameras_in_some_files_or_rows_only(tmp_path):
+    touch(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    (tmp_path / "train.csv").write_text("path,pid,camid\na.jpg,1,0\nb.jpg,2,\n")
+    with pytest.raises(ValueError, match=r"train.csv line 3: empty camid"):
+        load_dataset("folder", tmp_path, train_only=True)
+    (tmp_path / "train.csv").write_text("path,pid,camid\na.jpg,1,-1\n")
+    with pytest.raises(ValueError, match=r"train.csv line 2: camid -1 < 0"):
+        load_dataset("folder", tmp_path, train_only=True)
+    (tmp_path / "train.csv").write_text("path,pid,camid\na.jpg,1,0\nb.jpg,2,1\n")
+    (tmp_path / "query.csv").write_text("path,pid\nc.jpg,3\n")
+    (tmp_path / "gallery.csv").write_text("path,pid\nc.jpg,3\n")
+    with pytest.raises(ValueError, match=r"folder: .*a.jpg has a camera id and .*c.jpg has none") as err:
+        load_dataset("folder", tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_folder_market_names_without_cameras(tmp_path, caplog):
+    write_market(tmp_path, train=["0007_000001_01.jpg", "0007_x.jpg", "0003_cat.jpg"],
+                 query=["0010_000005_00.jpg"], gallery=["0010_000007_01.jpg", "0000_000009_01.jpg",
+                                                         "-1_000010_01.jpg", "photo.jpg"])
+    with caplog.at_level(logging.INFO, logger="reidlib.data"):
+        ds = load_dataset("folder", tmp_path)
+    assert [(Path(p).name, pid, cam) for p, pid, cam in ds.train] == [
+        ("0003_cat.jpg", 0, -1), ("0007_000001_01.jpg", 1, -1), ("0007_x.jpg", 1, -1)]
+    assert [(pid, cam) for _, pid, cam in ds.query] == [(10, -1)]
+    assert sorted(pid for _, pid, _ in ds.gallery) == [0, 10]
+    assert not ds.has_cameras and ds.num_train_cams == 0
+    assert "skipped 1 file name(s)" in caplog.text and "photo.jpg" in caplog.text
+    assert "no camera ids" in caplog.text
+
+
+def test_folder_market_names_with_and_without_cameras_is_an_error(tmp_path):
+    write_market(tmp_path, train=["0007_c1s1_000001_01.jpg", "0007_000002_01.jpg"], query=QUERY, gallery=GALLERY)
+    with pytest.raises(ValueError, match=r"folder: .*0007_c1s1_000001_01.jpg has a camera id and "
+                                         r".*0007_000002_01.jpg has none"):
+        load_dataset("folder", tmp_path)
+
+
+def test_person_loaders_still_need_camera_names(tmp_path, caplog):
+    write_market(tmp_path, train=TRAIN + ["0007_000002_01.jpg"])
+    with caplog.at_level(logging.WARNING, logger="reidlib.data"):
+        check_tiny_market(load_dataset("market1501", tmp_path))
+    assert "skipped 1 file name(s)" in caplog.text and "0007_000002_01.jpg" in caplog.text
+
+
+def test_list_image_folder_reads_identities_without_cameras(tmp_path):
+    touch(tmp_path, ["0002_c3s1_000451_03.jpg", "0002_x.jpg", "IMG_0042.jpg", "0005.jpg"])
+    assert [(Path(p).name, pid, cam) for p, pid, cam in list_image_folder(tmp_path)] == [
+        ("0002_c3s1_000451_03.jpg", 2, 2), ("0002_x.jpg", 2, -1), ("0005.jpg", -1, -1), ("IMG_0042.jpg", -1, -1)]
 
 
 def test_folder_with_nothing_there(tmp_path):

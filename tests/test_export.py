@@ -23,19 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH = torch.randn(5, 3, 128, 64, generator=torch.Generator().manual_seed(3))   # not the export's batch of 2
 CAMS = torch.tensor([0, 2, 1, 1, 0])
+VIEWS = torch.tensor([3, 0, 1, 3, 2])
 
 
 def _saved(tmp_path, *overrides):
     """A tiny model with trained-looking LoRA and BN statistics, saved: (path, model)."""
     cfg = load_config("tiny", ["device=cpu", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes=5, num_cameras=3).eval()
+    model = build_model(cfg.model, num_classes=5, num_cameras=3, num_views=4).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_" in name:
                 param.copy_(torch.randn_like(param) * 0.05)
         model.bottleneck.running_mean.normal_()
-    return save_checkpoint(tmp_path / "model.pt", model_record(model, cfg, 5, 3)), model
+    return save_checkpoint(tmp_path / "model.pt", model_record(model, cfg, 5, 3, num_views=4)), model
 
 
 def _relative(a, b) -> float:
@@ -44,28 +45,33 @@ def _relative(a, b) -> float:
 
 
 @pytest.mark.parametrize("overrides", [["model.lora.enabled=true", "model.neck_feat=after"],
-                                       ["model.sie_camera=true"]], ids=["lora", "sie"])
+                                       ["model.sie_camera=true"],
+                                       ["model.sie_camera=true", "model.sie_view=true"]],
+                         ids=["lora", "sie", "sie_views"])
 def test_onnx_and_torchscript_equal_pytorch(tmp_path, overrides):
     path, model = _saved(tmp_path, *overrides)
-    sie = model.uses_sie
+    sie, views = model.uses_sie, bool(model.sie_views)
+    side = {"cams": CAMS if sie else None, "views": VIEWS if views else None}
     with torch.no_grad():
-        expected = model.encode_image(BATCH, CAMS if sie else None)
+        expected = model.encode_image(BATCH, **side)
     onnx_path = export_model(path, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feeds = {"images": BATCH.numpy(), **({"cameras": CAMS.numpy()} if sie else {})}
+    feeds = {"images": BATCH.numpy(), **({"cameras": CAMS.numpy()} if sie else {}),
+             **({"views": VIEWS.numpy()} if views else {})}
     assert [i.name for i in session.get_inputs()] == list(feeds)
     onnx_out = session.run(["features"], feeds)[0]
     assert onnx_out.shape == (5, model.feature_dim) and onnx_out.dtype == np.float32
     assert _relative(onnx_out, expected) <= 1e-4
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["image_size"] == "[128, 64]" and meta["num_cameras"] == ("3" if sie else "0")
+    assert meta["num_views"] == ("4" if views else "0")
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.data"))   # one file, written atomically
     ts_path = export_model(path, tmp_path / "model_ts.pt", format="torchscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.load(str(ts_path))
     with torch.no_grad():
-        ts_out = traced(BATCH, CAMS) if sie else traced(BATCH)
+        ts_out = traced(*[t for t in (BATCH, side["cams"], side["views"]) if t is not None])
     assert _relative(ts_out, expected) <= 1e-4
 
 

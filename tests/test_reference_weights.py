@@ -15,11 +15,13 @@ from reidlib.config import load_config
 from reidlib.files import save_checkpoint
 from reidlib.model import build_model, merge_lora
 from reidlib.model.io import describe_weights, load_trained_model
+from reidlib.model.reference import convert_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGES = torch.randn(3, 3, 128, 64, generator=torch.Generator().manual_seed(1))
 CAMS = torch.tensor([0, 2, 1])
+VIEWS = torch.tensor([7, 0, 5])       # VeRi's 8 orientations
 REF_TEMPLATE = {"clipreid": "A photo of a X X X X person.", "deep": "A photo of a Y Y X person."}
 
 
@@ -117,10 +119,10 @@ def _reference_state(model, prompt: str, thesis_attention: bool = False, sie: bo
 
 # --------------------------------------------------------------------------- sources
 
-def _source(*overrides, classes=7, cameras=3):
+def _source(*overrides, classes=7, cameras=3, views=8):
     cfg = load_config("tiny", list(overrides))
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes=classes, num_cameras=cameras)
+    model = build_model(cfg.model, num_classes=classes, num_cameras=cameras, num_views=views)
     with torch.no_grad():              # trained-looking weights: LoRA B non-zero, BN statistics moved
         for name, param in model.named_parameters():
             if ".lora_" in name:
@@ -131,9 +133,9 @@ def _source(*overrides, classes=7, cameras=3):
     return cfg, model.eval()
 
 
-def _features(model, cams=None):
+def _features(model, cams=None, views=None):
     with torch.no_grad():
-        return model.encode_image(IMAGES, cams)
+        return model.encode_image(IMAGES, cams, views)
 
 
 def _relative(a, b):
@@ -145,6 +147,7 @@ CASES = {
     "vit": ([], dict(prompt="clipreid")),
     "vit_sie_olp": (["model.sie_camera=true", "model.stride=6", "model.sie_coe=1.0"],
                     dict(prompt="clipreid", sie=True)),
+    "vit_sie_views": (["model.sie_camera=true", "model.sie_view=true"], dict(prompt="clipreid", sie=True)),
     "rn": (["model.name=rn-tiny"], dict(prompt="clipreid")),
     "thesis_deep": (DEEP, dict(prompt="deep", thesis_attention=True)),
     "thesis_lora_ab": ([*DEEP, "model.lora.enabled=true", "model.lora.blocks=1,2"],
@@ -162,13 +165,18 @@ def test_reference_state_dict_gives_the_source_features(case, tmp_path, caplog):
     torch.save(_reference_state(model, **layout), path)
     # The config supplies only what the file cannot tell: here the tiny input size (stride left at 0:
     # the SIE+OLP case must read stride 6 off the positional embedding) and the SIE coefficient.
-    test_cfg = load_config("tiny", ["model.sie_coe=1.0"] if layout.get("sie") else [])
+    test_cfg = load_config("tiny", ["model.sie_coe=1.0"] if case == "vit_sie_olp" else [])
+    if case == "vit_sie_views":       # a joint table [cameras x 8 views] reads as cameras only unless told
+        camera_only = convert_reference(_reference_state(model, **layout), test_cfg.model)
+        assert (camera_only.num_cameras, camera_only.num_views) == (24, 0)
+        test_cfg = load_config("tiny", ["model.sie_camera=true", "model.sie_view=true"])
     if "rn" in case:
         test_cfg = load_config("tiny", ["model.name=rn-tiny"])
     with caplog.at_level(logging.INFO, logger="reidlib"):
         loaded, used = load_trained_model(path, test_cfg)
     cams = CAMS if layout.get("sie") else None
-    assert _relative(_features(loaded, cams), _features(model, cams)) <= 1e-5
+    views = VIEWS if case == "vit_sie_views" else None
+    assert _relative(_features(loaded, cams, views), _features(model, cams, views)) <= 1e-5
     labels = torch.tensor([0, 6, 3])
     with torch.no_grad():            # the text side (prompts, rebuilt token rows) too
         assert _relative(loaded.encode_text(labels), model.encode_text(labels)) <= 1e-5
@@ -180,6 +188,8 @@ def test_reference_state_dict_gives_the_source_features(case, tmp_path, caplog):
         assert any("ref.pth: a ResNet model read with data.pixel_mean" in r.getMessage() for r in caplog.records)
     if case == "vit_sie_olp":
         assert used.model.stride == 6 and "model.sie_coe=1.0" in log[0] and "SIE cameras 3" in log[0]
+    if case == "vit_sie_views":
+        assert (loaded.sie_cameras, loaded.sie_views) == (3, 8) and "SIE cameras x views 3 x 8" in log[0]
     if case == "thesis_lora_ab":
         assert used.model.lora.blocks == "1,2" and used.model.lora.r == 16 and "model.lora.alpha=4.0" in log[0]
     if case == "thesis_lora_mlp":

@@ -22,7 +22,7 @@ def _setup(synth_root, method="proposed"):
 def test_bf16_autocast_losses_match_fp32(synth_root):
     cfg, dataset, model = _setup(synth_root)
     runtime = Runtime(device=torch.device("cpu"), amp_dtype=None, output_dir=None)
-    images, pids, _ = next(TrainBatches(dataset, cfg, runtime).epoch(0))
+    images, pids, _, _ = next(TrainBatches(dataset, cfg, runtime).epoch(0))
     text = model.all_text_features().float()
     loss_fn = make_loss(cfg)
     model.train()
@@ -52,6 +52,6 @@ def test_image_cache_path_gives_the_same_batches_and_features(synth_root):
     plain = list(TrainBatches(dataset, cfg, runtime).epoch(3))
     cached = list(TrainBatches(dataset, cfg, runtime, cache).epoch(3))
     assert len(plain) == len(cached) > 0
-    for (x1, p1, c1), (x2, p2, c2) in zip(plain, cached):
-        assert torch.equal(p1, p2) and torch.equal(c1, c2)
+    for (x1, p1, c1, v1), (x2, p2, c2, v2) in zip(plain, cached):
+        assert torch.equal(p1, p2) and torch.equal(c1, c2) and torch.equal(v1, v2)
         assert x1.shape == x2.shape == (16, 3, *cfg.model.image_size) and x2.dtype == torch.float32

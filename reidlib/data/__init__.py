@@ -1,5 +1,6 @@
-"""Data: data sets, image reading, P x K sampling, transforms, the device image cache, and a
-generated data set.
+"""Data: data sets (person: Market-1501, DukeMTMC-reID, MSMT17, IUST, Occluded-Duke, your own;
+vehicles: VeRi-776, VehicleID), image reading, P x K sampling, transforms, the device image cache,
+and a generated data set.
 
 Example::
 
@@ -8,14 +9,17 @@ Example::
     train = ImageDataset(ds.train, build_transforms(cfg.data, cfg.model.image_size, train=True))
     sampler = RandomIdentitySampler(ds.train, batch_size=64, num_instance=4, seed=0)
 """
+from . import vehicles  # noqa: F401  (registers veri and vehicleid)
 from .cache import TrainBatches, TrainImageCache, make_image_cache
 from .datasets import (
     IMAGE_EXTENSIONS,
     Item,
     ReIDDataset,
+    dataset_from_config,
     dataset_names,
     list_image_folder,
     load_dataset,
+    parse_identity_name,
     parse_market_name,
     register_dataset,
 )
@@ -24,8 +28,8 @@ from .sampler import DistributedIdentitySampler, RandomIdentitySampler
 from .transforms import RandomErasing, build_transforms, gpu_train_augment, interpolation_mode, test_tensor_transform
 
 __all__ = [
-    "Item", "ReIDDataset", "dataset_names", "load_dataset", "register_dataset",
-    "IMAGE_EXTENSIONS", "list_image_folder", "parse_market_name",
+    "Item", "ReIDDataset", "dataset_names", "load_dataset", "register_dataset", "dataset_from_config",
+    "IMAGE_EXTENSIONS", "list_image_folder", "parse_market_name", "parse_identity_name",
     "ImageDataset", "UnreadableImageError", "read_image", "TrainImageCache", "TrainBatches", "make_image_cache",
     "RandomIdentitySampler", "DistributedIdentitySampler",
     "RandomErasing", "build_transforms", "gpu_train_augment", "interpolation_mode", "test_tensor_transform",

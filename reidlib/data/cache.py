@@ -9,7 +9,7 @@ Example::
 
     cache = make_image_cache(dataset, cfg, runtime)          # None on the CPU
     batches = TrainBatches(dataset, cfg, runtime, cache)
-    for images, pids, camids in batches.epoch(0):
+    for images, pids, camids, views in batches.epoch(0):
         ...
 """
 from __future__ import annotations
@@ -160,13 +160,17 @@ class TrainBatches:
         self.cfg, self.runtime = cfg, runtime
         self.items = dataset.train
         self.cache = image_cache
+        # View ids (-1: none) by train index, for view SIE; an unreadable image replaced by another
+        # of the same identity keeps its own view label on the DataLoader path.
+        self.views = torch.tensor(dataset.view_ids(dataset.train), dtype=torch.long)
         if self.cache is not None:
             self.labels, self.cams = self.cache.pids, self.cache.camids
+            self.views = self.views.to(runtime.device)
         else:
             self.dataset = ImageDataset(self.items, build_transforms(cfg.data, cfg.model.image_size, train=True))
 
     def epoch(self, epoch: int):
-        """Yield (images, pids, camids) on the device for one epoch."""
+        """Yield (images, pids, camids, views) on the device for one epoch (views -1: none)."""
         self.sampler.set_epoch(epoch)
         device = self.runtime.device
         if self.cache is not None:
@@ -176,16 +180,16 @@ class TrainBatches:
                 if len(batch) < self.batch_size:
                     break
                 images = gpu_train_augment(self.cache.images[batch], self.cfg.data, generator=generator)
-                yield images, self.labels[batch], self.cams[batch]
+                yield images, self.labels[batch], self.cams[batch], self.views[batch]
             return
         generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                             num_workers=self.cfg.data.num_workers, drop_last=True, generator=generator,
                             pin_memory=device.type == "cuda",
                             persistent_workers=False)
-        for images, pids, camids, _ in loader:
+        for images, pids, camids, index in loader:
             yield (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
-                   camids.to(device, non_blocking=True))
+                   camids.to(device, non_blocking=True), self.views[index].to(device, non_blocking=True))
 
     @property
     def unreadable_indices(self) -> list[int]:

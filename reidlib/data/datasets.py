@@ -8,7 +8,13 @@ Every loader returns a :class:`ReIDDataset` with three lists of ``(path, pid, ca
 * pid -1 (Market's junk boxes) is dropped everywhere, and counted in a log line;
 * camera ids are 0-based, one mapping for all three splits: ``number - 1`` for Market, Duke and
   MSMT17 (as the reference); ``0..K-1`` in sorted order of the camera numbers for IUST and your own
-  data, whose numbering may have holes; files are sorted, so every run sees the same order.
+  data, whose numbering may have holes; files are sorted, so every run sees the same order;
+* camid -1 means "no camera id" (VehicleID, your own data without cameras): a data set has camera
+  ids for all its images or for none.
+
+Vehicle data sets (VeRi-776, VehicleID) are in :mod:`reidlib.data.vehicles`. VeRi adds view labels
+(``ds.views``); VehicleID draws its query and gallery from a test pool, one draw per trial
+(``ds.trial(k)``).
 
 The reference loaders (CLIP-ReID and its thesis fork) differ from this in places that matter: the
 thesis's IUST and MSMT17 loaders keep 1-based cameras and pid -1 entries, and the Duke glob is unsorted.
@@ -23,8 +29,11 @@ Example::
 from __future__ import annotations
 
 import csv
+import inspect
 import logging
+import numbers
 import os
+import random
 import re
 from pathlib import Path
 from typing import Callable
@@ -36,6 +45,8 @@ Item = tuple[str, int, int]  # (image path, person id, camera id)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what any image listing takes
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
 MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg -> pid 2, camera 1
+IDENTITY_NAME = re.compile(r"^(-?\d+)_(?:c(\d+))?")  # as MARKET_NAME, or 0002_000451_03.jpg -> pid 2, no camera
+NO_CAMERA = -1  # the camid of an image whose camera is not known
 SHOW_AT_MOST = 5  # how many offending names a warning lists
 
 
@@ -44,54 +55,163 @@ class ReIDDataset:
 
     Attributes: ``name``, ``root`` (the folder the splits were found in), ``train``, ``query``,
     ``gallery``, ``num_train_pids`` (classes), ``num_train_cams`` (cameras over all splits,
-    ``max camid + 1``, the size of the SIE camera table).
+    ``max camid + 1``, the size of the SIE camera table; 0 without camera ids), ``views`` (image path
+    -> 0-based view id, empty without view labels), ``protocol`` (how query and gallery are formed,
+    '' for a fixed split).
+
+    Data sets whose query and gallery are drawn (VehicleID) pass every test image as ``test_pool``
+    and the number of draws as ``num_trials``; ``trial(k)`` is draw ``k`` and ``query``/``gallery``
+    are draw 0, so code that reads them sees a valid split.
 
     Example::
 
         ds = load_dataset("dukemtmc", "/data")
         ds.num_train_pids, ds.num_train_cams     # (702, 8)
         ds.stats()["query"]["images"]            # 2228
+        ds = load_dataset("vehicleid", "/data", test_size=800, trials=10)
+        for k in range(ds.num_trials):
+            query, gallery = ds.trial(k)
     """
 
     def __init__(self, name: str, root: str | Path, train: list[Item], query: list[Item],
-                 gallery: list[Item]):
+                 gallery: list[Item], *, views: dict[str, int] | None = None,
+                 test_pool: list[Item] | None = None, num_trials: int = 1, protocol: str = ""):
         self.name = name
         self.root = str(root)
-        self.train, self.query, self.gallery = train, query, gallery
+        self.train = train
+        self.views = dict(views or {})
+        self.test_pool = test_pool
+        self.num_trials = num_trials
+        self.protocol = protocol
+        if not isinstance(num_trials, int) or num_trials < 1 or (test_pool is None and num_trials != 1):
+            raise ValueError(f"{name}: num_trials={num_trials!r}; a fixed query/gallery split has 1 trial, "
+                             f"a test_pool 1 or more")
+        if test_pool is not None and (query or gallery):
+            raise ValueError(f"{name}: query and gallery are drawn from test_pool; pass [] for both")
+        self.query, self.gallery = self.trial(0) if test_pool is not None else (query, gallery)
+        _check_cameras(name, [train, self.query, self.gallery, test_pool or []])
 
     @property
     def num_train_pids(self) -> int:
         return len({pid for _, pid, _ in self.train})
 
     @property
+    def has_cameras(self) -> bool:
+        """True when there are images and every one has a camera id (camid >= 0)."""
+        cams = [cam for _, _, cam in self._all_items()]
+        return bool(cams) and min(cams) >= 0
+
+    @property
     def num_train_cams(self) -> int:
-        cams = [cam for split in (self.train, self.query, self.gallery) for _, _, cam in split]
-        return max(cams) + 1 if cams else 0
+        if not self.has_cameras:
+            return 0
+        return max(cam for _, _, cam in self._all_items()) + 1
+
+    @property
+    def num_views(self) -> int:
+        """``max view id + 1`` (the size of an SIE view table), 0 without view labels."""
+        return max(self.views.values()) + 1 if self.views else 0
+
+    def view_ids(self, items: list[Item]) -> list[int]:
+        """The view id of each item, -1 where it has none.
+
+        >>> ds = ReIDDataset("v", "/d", [("a.jpg", 0, 0), ("b.jpg", 1, 0)], [], [], views={"a.jpg": 3})
+        >>> ds.view_ids(ds.train), ds.num_views
+        ([3, -1], 4)
+        """
+        return [self.views.get(path, -1) for path, _, _ in items]
+
+    def trial_indices(self, k: int) -> tuple[list[int], list[int]]:
+        """(query, gallery) indices of trial ``k``, into ``test_pool`` (without one: into
+        ``query + gallery``, trial 0 only), each list ascending.
+
+        The draw: ``rng = random.Random(k)``; for each identity in ascending pid order, its images
+        sorted by path, ``rng.randrange(len(images))`` picks its one gallery image and the rest are
+        queries (an identity with one image gives no query: its image is a gallery distractor).
+        Extract the pool's features once, then score every trial on these subsets.
+
+        >>> pool = [("c.jpg", 5, -1), ("a.jpg", 5, -1), ("b.jpg", 9, -1)]
+        >>> ds = ReIDDataset("p", "/d", [], [], [], test_pool=pool, num_trials=2)
+        >>> ds.trial_indices(0), ds.trial_indices(1)   # pid 5's images by path: a.jpg (1), c.jpg (0)
+        (([1], [0, 2]), ([0], [1, 2]))
+        """
+        if self.test_pool is None:
+            if k != 0:
+                raise ValueError(f"{self.name} has a fixed query/gallery split: only trial 0, not {k}")
+            return list(range(len(self.query))), list(range(len(self.query), len(self.query) + len(self.gallery)))
+        if not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"{self.name}: trial {k!r}; trials are numbered 0, 1, ... (trial k draws with seed k)")
+        rng = random.Random(int(k))  # int: Random takes no numpy integers
+        query, gallery = [], []
+        for indices in _images_by_identity(self.test_pool):
+            pick = rng.randrange(len(indices))
+            gallery.append(indices[pick])
+            query.extend(indices[:pick] + indices[pick + 1:])
+        return sorted(query), sorted(gallery)
+
+    def trial(self, k: int) -> tuple[list[Item], list[Item]]:
+        """(query, gallery) of trial ``k``: drawn from ``test_pool`` as :meth:`trial_indices` says, or
+        the fixed split for ``k = 0`` when there is no pool."""
+        if self.test_pool is None:
+            self.trial_indices(k)  # checks k
+            return self.query, self.gallery
+        q_idx, g_idx = self.trial_indices(k)
+        return [self.test_pool[i] for i in q_idx], [self.test_pool[i] for i in g_idx]
+
+    def _all_items(self) -> list[Item]:
+        return self.train + self.query + self.gallery + (self.test_pool or [])
 
     def stats(self) -> dict:
-        """``{split: {"ids": int, "images": int, "cameras": int}}`` for train, query, gallery."""
-        return {split: {"ids": len({pid for _, pid, _ in items}), "images": len(items),
-                        "cameras": len({cam for _, _, cam in items})}
-                for split, items in self.splits().items()}
+        """``{split: {"ids": int, "images": int, "cameras": int}}`` for train, query, gallery, plus
+        ``"views"`` (distinct view ids) when the data set has view labels; ``cameras`` counts only
+        known cameras (0 without camera ids)."""
+        out = {}
+        for split, items in self.splits().items():
+            out[split] = {"ids": len({pid for _, pid, _ in items}), "images": len(items),
+                          "cameras": len({cam for _, _, cam in items if cam >= 0})}
+            if self.views:
+                out[split]["views"] = len({v for v in self.view_ids(items) if v >= 0})
+        return out
 
     def splits(self) -> dict[str, list[Item]]:
         return {"train": self.train, "query": self.query, "gallery": self.gallery}
 
     def stats_table(self) -> str:
-        """A small aligned text table: ids, images and cameras per split."""
-        header = ("split", "ids", "images", "cameras")
-        rows = [(split, str(s["ids"]), str(s["images"]), str(s["cameras"]))
-                for split, s in self.stats().items()]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+        """A small aligned text table: ids, images, cameras ("-" without camera ids) and, with view
+        labels, views per split; then the protocol, if the query/gallery split is drawn."""
+        stats = self.stats()
+        header = ("split", "ids", "images", "cameras", *(("views",) if self.views else ()))
+        rows = [(split, *(str(s[key]) if key != "cameras" or self.has_cameras else "-" for key in header[1:]))
+                for split, s in stats.items()]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
         def line(cells):
             return "  " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                      for i, (c, w) in enumerate(zip(cells, widths)))
         rule = "  " + "-+-".join("-" * w for w in widths)
-        return "\n".join([f"{self.name} ({self.root})", line(header), rule, *map(line, rows)])
+        protocol = [f"  protocol: {self.protocol}"] if self.protocol else []
+        return "\n".join([f"{self.name} ({self.root})", line(header), rule, *map(line, rows), *protocol])
 
     def __repr__(self) -> str:
         return self.stats_table()
+
+
+def _images_by_identity(items: list[Item]) -> list[list[int]]:
+    """Indices of ``items`` grouped by pid, groups in ascending pid order, each sorted by path."""
+    groups: dict[int, list[int]] = {}
+    for index, (_, pid, _) in enumerate(items):
+        groups.setdefault(pid, []).append(index)
+    return [sorted(groups[pid], key=lambda i: (items[i][0], i)) for pid in sorted(groups)]
+
+
+def _check_cameras(name: str, splits: list[list[Item]]) -> None:
+    """All items have a camera id or none do: a mix would make SIE and the same-camera filter wrong."""
+    items = [it for split in splits for it in split]
+    with_camera = next((path for path, _, cam in items if cam >= 0), None)
+    without = next((path for path, _, cam in items if cam < 0), None)
+    if with_camera is not None and without is not None:
+        raise ValueError(f"{name}: {with_camera} has a camera id and {without} has none; give every image "
+                         f"a camera id (Market names PPPP_cC..., a camid column) or none")
 
 
 # --------------------------------------------------------------------------- registry
@@ -119,21 +239,48 @@ def dataset_names() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(name: str, root: str | Path, **kw) -> ReIDDataset:
+def load_dataset(name: str, root: str | Path, **options) -> ReIDDataset:
     """Load a registered data set from ``root``; its usual nesting under ``root`` is found by itself.
 
-    Names: ``market1501``, ``dukemtmc``, ``msmt17``, ``iust``, ``occ_duke``, ``folder`` (your own data,
-    see :func:`folder`), ``synth`` (the generated set). Keyword arguments go to the loader; all of
-    them take ``train_only=True``, which reads only the training split (``query`` and ``gallery``
-    are then empty).
+    Names: ``market1501``, ``dukemtmc``, ``msmt17``, ``iust``, ``occ_duke``, ``veri``, ``vehicleid``,
+    ``folder`` (your own data, see :func:`folder`), ``synth`` (the generated set). Options go to the
+    loader, each only where the loader takes it, so that one call fits every data set: all take
+    ``train_only=True`` (reads only the training split; ``query`` and ``gallery`` are then empty),
+    VehicleID also ``test_size`` and ``trials``. An option no loader takes is an error (a typo).
 
     Example::
 
         ds = load_dataset("msmt17", "/data")     # /data/MSMT17_V1, /data/msmt17/MSMT17_V2, ...
+        ds = load_dataset("market1501", "/data", test_size=800, trials=10)   # both ignored
     """
     if name not in _LOADERS:
         raise KeyError(f"unknown data set '{name}'; registered: {', '.join(dataset_names())}")
-    return _LOADERS[name](Path(root).expanduser().absolute(), **kw)
+    loader, accepted = _LOADERS[name], _option_names(_LOADERS[name])
+    if "**" not in accepted:
+        unknown = sorted(set(options) - set().union(*(_option_names(fn) for fn in _LOADERS.values())))
+        if unknown:
+            raise TypeError(f"load_dataset: no data set takes the option(s) {', '.join(unknown)}; "
+                            f"{name} takes {', '.join(sorted(accepted)) or 'none'}")
+        options = {key: value for key, value in options.items() if key in accepted}
+    return loader(Path(root).expanduser().absolute(), **options)
+
+
+def _option_names(loader: Callable[..., ReIDDataset]) -> set[str]:
+    """The keyword options a loader takes (after ``root``); ``"**"`` when it takes any."""
+    params = list(inspect.signature(loader).parameters.values())[1:]
+    return {"**" if p.kind is p.VAR_KEYWORD else p.name for p in params if p.kind is not p.VAR_POSITIONAL}
+
+
+def dataset_from_config(cfg) -> ReIDDataset:
+    """The data set a :class:`reidlib.config.Config` names: ``data.dataset`` under ``data.root``,
+    with VehicleID's ``data.test_size`` and ``test.trials`` (other data sets ignore them).
+
+    Example::
+
+        cfg = load_config(None, ["data.dataset=vehicleid", "data.root=/data", "test.trials=3"])
+        ds = dataset_from_config(cfg)            # ds.num_trials == 3
+    """
+    return load_dataset(cfg.data.dataset, cfg.data.root, test_size=cfg.data.test_size, trials=cfg.test.trials)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -160,6 +307,23 @@ def parse_market_name(name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+def parse_identity_name(name: str) -> tuple[int, int | None] | None:
+    """(identity, 1-based camera or None) of a file name that starts with an integer identity and
+    ``_``; the camera is the ``_c<digits>`` right after it, as in Market names. None for other names.
+
+    >>> parse_identity_name("0002_c1s1_000451_03.jpg"), parse_identity_name("0002_000451_03.jpg")
+    ((2, 1), (2, None))
+    >>> parse_identity_name("0002_x.jpg"), parse_identity_name("-1_cat.jpg")
+    ((2, None), (-1, None))
+    >>> parse_identity_name("IMG_0042.jpg") is None, parse_identity_name("0002.jpg") is None
+    (True, True)
+    """
+    match = IDENTITY_NAME.match(name)
+    if not match:
+        return None
+    return int(match.group(1)), (int(match.group(2)) if match.group(2) is not None else None)
+
+
 def _list_images(folder: Path) -> list[Path]:
     with os.scandir(folder) as entries:
         names = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
@@ -168,7 +332,8 @@ def _list_images(folder: Path) -> list[Path]:
 
 def list_image_folder(folder: str | Path) -> list[Item]:
     """Every image under ``folder``, recursively and sorted, as (path, pid, camid) items: pid and
-    0-based camid from Market-style names (``0002_c1s1_...``), -1 for other names.
+    0-based camid from Market-style names (``0002_c1s1_...``); the pid and camid -1 from names that
+    start with an identity but name no camera (``0002_x.jpg``); pid -1 and camid -1 for other names.
 
     For your own crops (``reidlib extract``, ``reidlib search``): nothing is dropped or relabelled.
     """
@@ -181,8 +346,8 @@ def list_image_folder(folder: str | Path) -> list[Item]:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     items = []
     for path in paths:
-        pid, cam = parse_market_name(path.name) or (-1, 0)
-        items.append((str(path), pid, cam - 1))
+        pid, cam = parse_identity_name(path.name) or (-1, None)
+        items.append((str(path), pid, NO_CAMERA if cam is None else cam - 1))
     return items
 
 
@@ -206,18 +371,24 @@ def _require_images(name: str, where: Path | str, items: list[Item]) -> list[Ite
     return items
 
 
-def _parse_market_folder(name: str, folder: Path) -> list[Item]:
-    """Items of a folder of Market-named files; cameras as numbered in the names (1-based)."""
+def _parse_market_folder(name: str, folder: Path, cameras_optional: bool = False,
+                         expected: str = "PPPP_cC...") -> list[Item]:
+    """Items of a folder of Market-named files; cameras as numbered in the names (1-based).
+
+    ``cameras_optional`` (your own data) also takes ``PPPP_...`` names without a camera: camid -1.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"{name}: missing folder {folder}")
+    parse = parse_identity_name if cameras_optional else parse_market_name
     items, bad = [], []
     for path in _list_images(folder):
-        parsed = parse_market_name(path.name)
+        parsed = parse(path.name)
         if parsed is None:
             bad.append(path.name)
             continue
-        items.append((str(path), *parsed))
-    _warn_unparsable(name, folder, bad, "PPPP_cC...")
+        pid, cam = parsed
+        items.append((str(path), pid, NO_CAMERA if cam is None else cam))
+    _warn_unparsable(name, folder, bad, "PPPP_[cC]..." if cameras_optional else expected)
     return _require_images(name, folder, _drop_junk(name, folder, items))
 
 
@@ -234,9 +405,9 @@ def _zero_based_cameras(name: str, splits: list[list[Item]], first: int, remap: 
     ``remap`` (data sets whose numbering is not fixed: IUST, your own), numbers are mapped to 0..K-1
     in sorted order, said in a log line unless they were ``first..first+K-1`` anyway. Without it
     (Market, Duke, MSMT17), camid = number - first, as the reference, so that a subset of cameras
-    keeps the camids (and SIE rows) of the full data set.
+    keeps the camids (and SIE rows) of the full data set. Camid -1 (no camera) stays -1.
     """
-    numbers = sorted({cam for items in splits for _, _, cam in items})
+    numbers = sorted({cam for items in splits for _, _, cam in items if cam != NO_CAMERA})
     if not remap and (not numbers or numbers[0] >= first):
         index = {cam: cam - first for cam in numbers}
     else:
@@ -244,6 +415,7 @@ def _zero_based_cameras(name: str, splits: list[list[Item]], first: int, remap: 
         if numbers != list(range(first, first + len(numbers))):
             log.info("%s: camera numbers %s are not %d..%d; mapped to 0..%d in sorted order",
                      name, _short(numbers), first, first + len(numbers) - 1, len(numbers) - 1)
+    index[NO_CAMERA] = NO_CAMERA
     return [[(path, pid, index[cam]) for path, pid, cam in items] for items in splits]
 
 
@@ -252,22 +424,29 @@ def _short(numbers: list[int]) -> str:
 
 
 def _finish(name: str, root: Path, train: list[Item], query: list[Item], gallery: list[Item],
-            first_camera: int = 1, remap_cameras: bool = False) -> ReIDDataset:
+            first_camera: int = 1, remap_cameras: bool = False, **extra) -> ReIDDataset:
+    """Cameras 0-based, train pids relabelled, every split sorted; ``extra`` goes to ReIDDataset."""
     train, query, gallery = _zero_based_cameras(name, [train, query, gallery], first_camera, remap_cameras)
     train, query, gallery = (sorted(s) for s in (_relabel(train), query, gallery))
-    return ReIDDataset(name, root, train, query, gallery)
+    return ReIDDataset(name, root, train, query, gallery, **extra)
 
 
 def _load_market_style(name: str, root: Path, candidates: list[str], train_only: bool,
-                       remap_cameras: bool = False) -> ReIDDataset:
+                       remap_cameras: bool = False, cameras_optional: bool = False) -> ReIDDataset:
     """Three folders of Market-named images, in the first candidate folder that has them."""
     nest = "|".join(c for c in candidates if c)
     layout = f"ROOT/{f'[{nest}/]' if nest else ''}{{{','.join(MARKET_FOLDERS)}}}/*.jpg named PPPP_cC*.jpg"
     base = _find_dir(name, root, candidates, MARKET_FOLDERS[0], layout)
-    train = _parse_market_folder(name, base / MARKET_FOLDERS[0])
-    query = [] if train_only else _parse_market_folder(name, base / MARKET_FOLDERS[1])
-    gallery = [] if train_only else _parse_market_folder(name, base / MARKET_FOLDERS[2])
+    train = _parse_market_folder(name, base / MARKET_FOLDERS[0], cameras_optional)
+    query = [] if train_only else _parse_market_folder(name, base / MARKET_FOLDERS[1], cameras_optional)
+    gallery = [] if train_only else _parse_market_folder(name, base / MARKET_FOLDERS[2], cameras_optional)
+    _log_if_camera_less(name, base, train + query + gallery)
     return _finish(name, base, train, query, gallery, remap_cameras=remap_cameras)
+
+
+def _log_if_camera_less(name: str, where: Path, items: list[Item]) -> None:
+    if items and all(cam == NO_CAMERA for _, _, cam in items):
+        log.info("%s: no camera ids in %s: every image gets camid -1", name, where)
 
 
 # --------------------------------------------------------------------------- the data sets
@@ -404,8 +583,8 @@ def _list_prefix(list_path: Path, first: str, options: list[Path]) -> Path:
 # --------------------------------------------------------------------------- your own data
 
 FOLDER_CSVS = ("train.csv", "query.csv", "gallery.csv")
-FOLDER_LAYOUT = ("ROOT/{train,query,gallery}.csv (header path,pid,camid; paths relative to ROOT) or "
-                 "ROOT/{bounding_box_train,query,bounding_box_test}/ with Market names PPPP_cC*.jpg")
+FOLDER_LAYOUT = ("ROOT/{train,query,gallery}.csv (header path,pid[,camid]; paths relative to ROOT) or "
+                 "ROOT/{bounding_box_train,query,bounding_box_test}/ with Market names PPPP_cC*.jpg or PPPP_*.jpg")
 
 
 @register_dataset("folder")
@@ -417,8 +596,12 @@ def folder(root: Path, train_only: bool = False) -> ReIDDataset:
        ``ROOT`` (or absolute); ``pid`` and ``camid`` are integers. Cameras may be numbered from 0 or 1
        or any way: they are mapped to 0..K-1 in sorted order. Rows with pid -1 are dropped as junk.
        Query and gallery pids must use the same numbering; train pids are relabelled to 0..C-1.
+       Without cameras, leave out the ``camid`` column (in every file): every image gets camid -1.
     2. **Market-style folders** ``ROOT/{bounding_box_train,query,bounding_box_test}/`` with file
-       names ``PPPP_cC*.jpg`` (pid, then ``_c`` and the 1-based camera number).
+       names ``PPPP_cC*.jpg`` (pid, then ``_c`` and the 1-based camera number), or, without
+       cameras, ``PPPP_*.jpg`` (pid, then ``_`` and anything but ``c<digits>``): camid -1.
+
+    A data set has camera ids for all its images or for none; a mix is an error naming one of each.
 
     Example ``train.csv``::
 
@@ -430,31 +613,44 @@ def folder(root: Path, train_only: bool = False) -> ReIDDataset:
         names = FOLDER_CSVS[:1] if train_only else FOLDER_CSVS
         train, *test = [_read_csv(root, root / n) for n in names]
         query, gallery = test if test else ([], [])
+        _log_if_camera_less("folder", root, train + query + gallery)
         return _finish("folder", root, train, query, gallery, first_camera=0, remap_cameras=True)
     if (root / MARKET_FOLDERS[0]).is_dir():
-        return _load_market_style("folder", root, [""], train_only, remap_cameras=True)
+        return _load_market_style("folder", root, [""], train_only, remap_cameras=True, cameras_optional=True)
     raise FileNotFoundError(f"folder: neither {FOLDER_CSVS[0]} nor {MARKET_FOLDERS[0]} under {root}; "
                             f"expected {FOLDER_LAYOUT}")
 
 
 def _read_csv(root: Path, csv_path: Path) -> list[Item]:
+    """Rows ``path,pid[,camid]``; without a camid column every camid is -1."""
     if not csv_path.is_file():
-        raise FileNotFoundError(f"folder: missing {csv_path} (columns path,pid,camid)")
+        raise FileNotFoundError(f"folder: missing {csv_path} (columns path,pid[,camid])")
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = {"path", "pid", "camid"} - set(reader.fieldnames or [])
+        missing = {"path", "pid"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"folder: {csv_path} lacks column(s) {', '.join(sorted(missing))}; "
-                             f"expected a header row path,pid,camid")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                items.append((str(root / row["path"].strip()), int(row["pid"]), int(row["camid"])))
-            except (ValueError, TypeError, AttributeError):
-                raise ValueError(f"folder: {csv_path} line {line}: expected path,pid,camid with "
-                                 f"integer pid and camid, got {row}") from None
+                             f"expected a header row path,pid,camid (or path,pid without cameras)")
+        has_camid = "camid" in (reader.fieldnames or [])
+        items = [_csv_item(root, csv_path, line, row, has_camid) for line, row in enumerate(reader, start=2)]
     items = _require_images("folder", csv_path, _drop_junk("folder", csv_path, items))
     if not Path(items[0][0]).is_file():
         raise FileNotFoundError(f"folder: {csv_path} names {items[0][0]}, which does not exist "
                                 f"(paths are relative to {root})")
     return items
+
+
+def _csv_item(root: Path, csv_path: Path, line: int, row: dict, has_camid: bool) -> Item:
+    camid = (row.get("camid") or "").strip() if has_camid else str(NO_CAMERA)
+    if has_camid and not camid:
+        raise ValueError(f"folder: {csv_path} line {line}: empty camid; fill in every row's camid, "
+                         f"or drop the camid column from every CSV file if there are no cameras")
+    try:
+        item = (str(root / row["path"].strip()), int(row["pid"]), int(camid))
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"folder: {csv_path} line {line}: expected path,pid,camid with "
+                         f"integer pid and camid, got {row}") from None
+    if has_camid and item[2] < 0:
+        raise ValueError(f"folder: {csv_path} line {line}: camid {item[2]} < 0; camera ids are >= 0 "
+                         f"(drop the camid column if there are no cameras)")
+    return item

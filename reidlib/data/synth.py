@@ -18,11 +18,18 @@ the attributes it was drawn with (:mod:`reidlib.data.captions`). :func:`generate
 image-caption set of other people, one or two images each from cameras of their own, to pretrain a
 miniature CLIP on (:mod:`reidlib.engine.pretrain`).
 
+The same people can be written in the vehicle sets' formats (only the format matters for a
+loader's tests): :func:`generate_veri` (VeRi-776: ``image_*`` folders and keypoint files whose
+last field is each image's view, :func:`view_id`) and :func:`generate_vehicleid` (VehicleID:
+``image/`` and ``train_test_split/`` lists, no cameras).
+
 Command line (prints the stats table and the time taken)::
 
     python -m reidlib.data.synth data/synth                          # demo: 60 ids, 4 cameras
     python -m reidlib.data.synth data/synth --ids 100 --cams 6 --seed 1
     python -m reidlib.data.synth data/market_size --market-size      # 751 ids, 12,936 train images only
+    python -m reidlib.data.synth data/veri_synth --format veri --ids 40
+    python -m reidlib.data.synth data/vehicleid_synth --format vehicleid --ids 50
 
 Example::
 
@@ -274,8 +281,28 @@ def _draw_bag(canvas, who, u, v, view, half) -> None:
         canvas.paint(_box(u, v, lo, hi, 0.38, 0.5), colour)
 
 
+# Generated view labels: the view each image is drawn from, as a 0-based view id. A side view faces
+# left or right in the image (the renderer's ``facing`` -1 / +1); front and back look the same either way.
+VIEW_NAMES = ("front", "back", "side facing left", "side facing right")
+
+
+def view_id(view: str, facing: int) -> int:
+    """The 0-based view id of a drawn view: 0 front, 1 back, 2 side facing left, 3 side facing right.
+
+    >>> [view_id("front", 1), view_id("back", -1), view_id("side", -1), view_id("side", 1)]
+    [0, 1, 2, 3]
+    """
+    return {"front": 0, "back": 1}.get(view, 2 if facing < 0 else 3)
+
+
 def render_image(who: dict, camera: dict, rng: np.random.Generator, junk: bool = False) -> Image.Image:
     """One 128x64 RGB crop of person ``who`` seen by ``camera``; ``junk``: a bad box (mostly background)."""
+    return render_image_and_view(who, camera, rng, junk)[0]
+
+
+def render_image_and_view(who: dict, camera: dict, rng: np.random.Generator,
+                          junk: bool = False) -> tuple[Image.Image, int]:
+    """:func:`render_image`, and the view id (:func:`view_id`) the person was drawn from."""
     image = _background(camera, rng)
     view = str(rng.choice(["front", "back", "side"], p=[0.4, 0.4, 0.2]))
     facing = int(rng.choice([-1, 1]))
@@ -296,7 +323,8 @@ def render_image(who: dict, camera: dict, rng: np.random.Generator, junk: bool =
     noise = rng.standard_normal((HEIGHT, WIDTH, 1), dtype=np.float32)  # sensor noise, one value per pixel
     image += noise * np.float32(camera["noise"])
     out = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-    return out.filter(ImageFilter.GaussianBlur(camera["blur"])) if camera["blur"] else out
+    out = out.filter(ImageFilter.GaussianBlur(camera["blur"])) if camera["blur"] else out
+    return out, view_id(view, facing)
 
 
 def _occlude(image: np.ndarray, rng: np.random.Generator) -> None:
@@ -375,11 +403,19 @@ def plan_images(ids: int = 60, cams: int = 4, seed: int = 0, train_frac: float =
     return jobs
 
 
-def _write(job: tuple, out: str, seed: int) -> None:
-    rel, key, cam, serial, is_junk = job
-    rng = np.random.default_rng([seed, 3, serial])
-    image = render_image(make_identity(seed, key), make_camera(seed, cam), rng, junk=is_junk)
+def _write(job: tuple, out: str, seed: int) -> int:
+    """Draw and save one planned image; returns the view id it was drawn from."""
+    rel, cam = job[0], job[2]
+    image, view = render_job(job, seed)
     image.save(os.path.join(out, rel), quality=make_camera(seed, cam)["quality"])
+    return view
+
+
+def render_job(job: tuple, seed: int) -> tuple[Image.Image, int]:
+    """The image of one planned job (a :func:`plan_images` row) and its view id, from the job's own seed."""
+    _, key, cam, serial, is_junk = job
+    rng = np.random.default_rng([seed, 3, serial])
+    return render_image_and_view(make_identity(seed, key), make_camera(seed, cam), rng, junk=is_junk)
 
 
 def generate_market(out, ids: int = 60, cams: int = 4, seed: int = 0, train_frac: float = 0.5,
@@ -411,15 +447,14 @@ def generate_market(out, ids: int = 60, cams: int = 4, seed: int = 0, train_frac
     return out
 
 
-def _write_all(jobs: list[tuple], out: Path, seed: int, workers: int | None) -> None:
+def _write_all(jobs: list[tuple], out: Path, seed: int, workers: int | None) -> list[int]:
+    """Write every job's image; returns their view ids, in the order of ``jobs``."""
     workers = workers or (1 if len(jobs) < 2000 else min(8, os.cpu_count() or 1))
     write = functools.partial(_write, out=str(out), seed=seed)
     if workers == 1:
-        for job in jobs:
-            write(job)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(write, jobs, chunksize=64))
+        return [write(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(write, jobs, chunksize=64))
 
 
 def write_captions(jobs: list[tuple], out: Path, seed: int) -> Path:
@@ -499,10 +534,125 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
+# --------------------------------------------------------------------------- vehicle formats
+
+VERI_FOLDERS = {"bounding_box_train": "image_train", "query": "image_query", "bounding_box_test": "image_test"}
+KEYPOINT_FILES = {"image_train": "keypoint_train.txt", "image_query": "keypoint_test.txt",
+                  "image_test": "keypoint_test.txt"}
+VEHICLEID_SIZES = (800, 1600, 2400)
+FORMATS = {"market": "market1501", "veri": "veri", "vehicleid": "vehicleid"}  # format -> the loader that reads it
+
+
+def veri_name(market_rel: str) -> str:
+    """A planned Market path as VeRi's ``image_*/VVVV_cCCC_FFFFFFFF_0.jpg``; the 8-digit frame is
+    visit * 10^6 + Market's frame, unique per identity and camera as Market's names are.
+
+    >>> veri_name("query/0012_c3s2_004511_01.jpg")
+    'image_query/0012_c003_02004511_0.jpg'
+    """
+    folder, name = market_rel.split("/")
+    pid, camera_visit, frame, _ = name.split("_")
+    camera, visit = camera_visit[1:].split("s")
+    return f"{VERI_FOLDERS[folder]}/{int(pid):04d}_c{int(camera):03d}_{int(visit) * 10**6 + int(frame):08d}_0.jpg"
+
+
+def plan_veri_images(ids: int = 40, cams: int = 4, seed: int = 0, train_frac: float = 0.5,
+                     images_per_id: float = 12.0) -> list[tuple]:
+    """:func:`plan_images` without distractors or junk (VeRi has none), named as VeRi."""
+    jobs = plan_images(ids, cams, seed, train_frac, images_per_id, distractors=0, junk=0)
+    return [(veri_name(rel), *rest) for rel, *rest in jobs]
+
+
+def generate_veri(out, ids: int = 40, cams: int = 4, seed: int = 0, train_frac: float = 0.5,
+                  images_per_id: float = 12.0, workers: int | None = None, overwrite: bool = False) -> Path:
+    """Write a generated set in VeRi-776's format to ``out`` and return its path.
+
+    ``OUT/{image_train,image_query,image_test}/VVVV_cCCC_FFFFFFFF_0.jpg`` (4-digit id, 1-based
+    3-digit camera, 8-digit frame), the identities and splits of :func:`generate_market` (query and
+    gallery disjoint; no distractors or junk), and ``OUT/keypoint_train.txt`` / ``keypoint_test.txt``
+    in the format of VeRi's keypoint annotations, 42 fields a line: ``VeRi/image_*/<name>``, 40
+    keypoint coordinates (all -1: none drawn) and the view id each image was drawn from
+    (:func:`view_id`: 0 front, 1 back, 2 side facing left, 3 side facing right; VeRi's own 8
+    orientations are numbered otherwise). Query images are listed in ``keypoint_test.txt``.
+
+    Example::
+
+        root = generate_veri("data/veri_synth", ids=40, cams=4)
+        ds = load_dataset("veri", root)          # ds.num_views == 4
+    """
+    out = Path(out)
+    jobs = plan_veri_images(ids, cams, seed, train_frac, images_per_id)
+    for folder in VERI_FOLDERS.values():
+        _prepare_folder(out / folder, overwrite)
+    views = _write_all(jobs, out, seed, workers)
+    write_keypoints(out, [job[0] for job in jobs], views)
+    return out
+
+
+def write_keypoints(out: Path, rels: list[str], views: list[int]) -> None:
+    """``out/keypoint_{train,test}.txt``: one 42-field line per image, its view id last."""
+    lines: dict[str, list[str]] = {name: [] for name in KEYPOINT_FILES.values()}
+    for rel, view in zip(rels, views):
+        lines[KEYPOINT_FILES[rel.split("/")[0]]].append(f"VeRi/{rel} {' '.join(['-1'] * 40)} {view}")
+    for name, rows in lines.items():
+        (out / name).write_text("".join(row + "\n" for row in rows))
+
+
+def plan_vehicleid_images(train_ids: int = 30, test_ids: int = 20, cams: int = 4, seed: int = 0,
+                          images_per_id: float = 8.0) -> tuple[list[tuple], set[int]]:
+    """(jobs, train ids): :func:`plan_images`' identities (>= 4 images per test identity) renamed
+    ``image/NNNNNNN.jpg`` in running order; the cameras vary the images but are not recorded."""
+    if train_ids < 1 or test_ids < 1:
+        raise ValueError(f"train_ids {train_ids} and test_ids {test_ids}: both must be >= 1")
+    total = train_ids + test_ids
+    jobs = plan_images(total, max(2, cams), seed, train_ids / total, images_per_id, distractors=0, junk=0)
+    train = {key for rel, key, *_ in jobs if rel.startswith(SPLIT_FOLDERS[0])}
+    return [(f"image/{n:07d}.jpg", *rest) for n, (_, *rest) in enumerate(jobs, start=1)], train
+
+
+def generate_vehicleid(out, train_ids: int = 30, test_ids: int = 20, seed: int = 0, cams: int = 4,
+                       images_per_id: float = 8.0, workers: int | None = None, overwrite: bool = False) -> Path:
+    """Write a generated set in VehicleID's format to ``out`` and return its path.
+
+    ``OUT/image/NNNNNNN.jpg`` (7-digit running number) and ``OUT/train_test_split/`` with
+    ``train_list.txt`` (every train identity) and ``test_list_{800,1600,2400}.txt``, lines
+    ``NNNNNNN <vehicle id>``. Here the three test lists are nested: ``test_list_2400`` lists every
+    test identity, ``test_list_1600`` the first ceil(2/3) and ``test_list_800`` the first ceil(1/3)
+    in ascending id order (so each size reads a different list); every test identity has >= 4 images.
+
+    Example::
+
+        root = generate_vehicleid("data/vehicleid_synth", train_ids=30, test_ids=24)
+        ds = load_dataset("vehicleid", root, test_size=1600)     # 16 test identities
+    """
+    out = Path(out)
+    jobs, train = plan_vehicleid_images(train_ids, test_ids, cams, seed, images_per_id)
+    _prepare_folder(out / "image", overwrite)
+    _write_all(jobs, out, seed, workers)
+    write_vehicleid_lists(out, jobs, train)
+    return out
+
+
+def write_vehicleid_lists(out: Path, jobs: list[tuple], train: set[int]) -> None:
+    """``out/train_test_split/*.txt`` for the jobs of :func:`plan_vehicleid_images`."""
+    split = Path(out) / "train_test_split"
+    split.mkdir(parents=True, exist_ok=True)
+    test_ids = sorted({key for _, key, *_ in jobs} - train)
+    lists = {"train_list.txt": train}
+    for size in VEHICLEID_SIZES:
+        lists[f"test_list_{size}.txt"] = set(test_ids[: -(-len(test_ids) * size // VEHICLEID_SIZES[-1])])
+    for name, keys in lists.items():
+        rows = [f"{Path(rel).stem} {key}\n" for rel, key, *_ in jobs if key in keys]
+        (split / name).write_text("".join(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reidlib.data.synth",
-                                     description="Write a generated Market-format re-ID data set.")
-    parser.add_argument("out", help="output folder (gets bounding_box_train, query, bounding_box_test)")
+                                     description="Write a generated re-ID data set (Market, VeRi or VehicleID format).")
+    parser.add_argument("out", help="output folder (Market format: gets bounding_box_train, query, bounding_box_test)")
+    parser.add_argument("--format", choices=FORMATS, default="market",
+                        help="market (default) | veri (image_*, keypoint files with view labels) | vehicleid "
+                             "(image/, train_test_split/; --ids * --train-frac train identities, the rest test)")
     parser.add_argument("--ids", type=int, default=60, help="identities (default 60: 30 train, 30 test)")
     parser.add_argument("--cams", type=int, default=4, help="cameras (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the bytes depend only on the arguments")
@@ -520,20 +670,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.market_size:
         args.ids, args.cams, args.train_only, args.train_images = 751, 6, True, 12936
+    market_only = [flag for flag, value in [("--distractors", args.distractors), ("--junk", args.junk),
+                                            ("--train-only", args.train_only or None),
+                                            ("--train-images", args.train_images)] if value is not None]
+    if args.format != "market" and market_only:
+        print(f"error: {', '.join(market_only)} only with --format market", file=sys.stderr)
+        return 2
     started = time.time()
     try:
-        out = generate_market(args.out, ids=args.ids, cams=args.cams, seed=args.seed,
-                              train_frac=args.train_frac, images_per_id=args.images_per_id,
-                              distractors=args.distractors, junk=args.junk, train_only=args.train_only,
-                              train_images=args.train_images, workers=args.workers, overwrite=args.overwrite)
+        out = _generate(args)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.time() - started
-    from .datasets import load_dataset  # here, so that the generator does not need the loaders
-    print(load_dataset("market1501", out, train_only=args.train_only).stats_table())
+    # here, so that the generator does not need the loaders; importing vehicles registers veri and vehicleid
+    from .datasets import load_dataset
+    from .vehicles import vehicleid, veri  # noqa: F401
+    print(load_dataset(FORMATS[args.format], out, train_only=args.train_only).stats_table())
     print(f"written in {seconds:.1f} s")
     return 0
+
+
+def _generate(args: argparse.Namespace) -> Path:
+    common = dict(seed=args.seed, images_per_id=args.images_per_id, workers=args.workers, overwrite=args.overwrite)
+    if args.format == "veri":
+        return generate_veri(args.out, ids=args.ids, cams=args.cams, train_frac=args.train_frac, **common)
+    if args.format == "vehicleid":
+        train_ids = min(args.ids, int(np.floor(args.ids * args.train_frac + 0.5)))
+        return generate_vehicleid(args.out, train_ids=train_ids, test_ids=args.ids - train_ids, cams=args.cams,
+                                  **common)
+    return generate_market(args.out, ids=args.ids, cams=args.cams, train_frac=args.train_frac,
+                           distractors=args.distractors, junk=args.junk, train_only=args.train_only,
+                           train_images=args.train_images, **common)
 
 
 if __name__ == "__main__":

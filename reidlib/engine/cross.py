@@ -67,11 +67,14 @@ def cross_evaluate(cfg: Config, test_on, weights: str | Path | None = None) -> d
     weights = Path(weights or out / "model_final.pt")
     runtime = setup_runtime(cfg)
     model, _ = load_trained_model(weights, cfg, device=runtime.device)
-    if getattr(model, "uses_sie", False) and cfg.test.default_camera < 0:
+    if getattr(model, "sie_cameras", 0) and cfg.test.default_camera < 0:
         raise ValueError(f"{weights}: trained with SIE, whose camera table is the training set's; testing on other "
                          "data sets needs one camera for all images: set test.default_camera=K (e.g. 0)")
+    if getattr(model, "sie_views", 0) and cfg.test.default_view < 0:
+        raise ValueError(f"{weights}: trained with view SIE; testing on other data sets needs one view for all "
+                         "images: set test.default_view=K (e.g. 0)")
     for name, root in todo.items():
-        dataset = load_dataset(name, root or cfg.data.root)
+        dataset = load_dataset(name, root or cfg.data.root, test_size=cfg.data.test_size, trials=cfg.test.trials)
         check_valid_queries(dataset)
         metrics = evaluate_model(model, dataset, cfg, runtime)
         if runtime.is_main:

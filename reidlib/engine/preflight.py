@@ -2,8 +2,8 @@
 in seconds, naming the key and the fix, instead of after stage 1 or after all training.
 
 Checked here: stage 2's P x K sampler can fill a batch (enough training identities for
-P = ims_per_batch / num_instance, and P splits over the processes), and at least one query can be
-scored (a gallery image of its identity from another camera). The output folder is checked where
+P = ims_per_batch / num_instance, and P splits over the processes), SIE's camera and view ids
+exist, and at least one query can be scored (under the data set's protocol). The output folder is checked where
 it is made (:func:`reidlib.runtime.setup_runtime`), the config values when the config is loaded.
 
 Example::
@@ -38,7 +38,25 @@ def check_sampler(cfg, num_train_ids: int, world_size: int = 1) -> None:
             f"{world_size}")
 
 
+def check_side_information(cfg, dataset) -> None:
+    """Raise ValueError when SIE asks for camera or view ids the data set does not have: no camera
+    ids at all (``model.sie_camera``), or images without a view label (``model.sie_view``)."""
+    if cfg.model.sie_camera and not dataset.has_cameras:
+        raise ValueError(f"model.sie_camera=true, but data set {dataset.name} at {dataset.root} has no camera ids; "
+                         "set model.sie_camera=false")
+    if not cfg.model.sie_view:
+        return
+    test_items = dataset.test_pool if dataset.test_pool is not None else dataset.query + dataset.gallery
+    for split, items in (("train", dataset.train), ("test", test_items)):
+        missing = [path for path, view in zip((p for p, _, _ in items), dataset.view_ids(items)) if view < 0]
+        if missing:
+            raise ValueError(f"model.sie_view=true, but {len(missing)} of {len(items)} {split} images of data set "
+                             f"{dataset.name} have no view label (e.g. {missing[0]}); give them labels "
+                             "(VeRi: keypoint_train.txt / keypoint_test.txt) or set model.sie_view=false")
+
+
 def check_before_training(cfg, dataset, runtime) -> int:
     """All the checks above; returns the number of queries the final evaluation will score."""
     check_sampler(cfg, dataset.num_train_pids, runtime.world_size)
+    check_side_information(cfg, dataset)
     return check_valid_queries(dataset)

@@ -54,11 +54,11 @@ def wrap_for_stage2(model, runtime: Runtime, compile_model: bool = False):
     return module
 
 
-def stage2_step(train_module, optimizer, loss_fn, text_feats, images, pids, cams,
+def stage2_step(train_module, optimizer, loss_fn, text_feats, images, pids, cams, views,
                 runtime: Runtime):
     """One P x K step; returns the detached total loss and its parts (no host sync)."""
     with runtime.autocast():
-        out = train_module(images, labels=pids, cams=cams)
+        out = train_module(images, labels=pids, cams=cams, views=views)
     loss, parts = loss_fn(out["logits"], out["feats"], pids, out["f_proj"], text_feats)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -76,14 +76,14 @@ def train_stage2_epoch(model, train_module, optimizer, batches: TrainBatches, lo
     model.train()
     sums: dict[str, torch.Tensor] = {}
     steps, images_seen, started = 0, 0, time.time()
-    use_cams = getattr(model, "uses_sie", False)
+    use_cams, use_views = bool(getattr(model, "sie_cameras", 0)), bool(getattr(model, "sie_views", 0))
     bar = tqdm(batches.epoch(epoch), total=batches.num_batches(epoch), leave=False, disable=not runtime.is_main,
                desc=f"stage 2 epoch {epoch + 1}/{cfg.stage2.epochs}")
     watch = LossWatch(runtime.device)
     hint = f"lower {'model.lora.lr' if getattr(model, 'uses_lora', False) else 'stage2.lr'}"
-    for images, pids, camids in bar:
+    for images, pids, camids, views in bar:
         loss, parts = stage2_step(train_module, optimizer, loss_fn, text_feats, images, pids,
-                                  camids if use_cams else None, runtime)
+                                  camids if use_cams else None, views if use_views else None, runtime)
         for name, value in {"loss": loss, **parts}.items():
             sums[name] = sums.get(name, 0) + value.float()
         steps += 1

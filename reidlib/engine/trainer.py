@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ..config import Config, method_of, to_dict
-from ..data import TrainBatches, load_dataset, make_image_cache
+from ..data import TrainBatches, dataset_from_config, make_image_cache
 from ..eval.extract import check_valid_queries, evaluate_model
 from ..files import load_checkpoint, remove_stale_temp_files, require_file, save_checkpoint, write_json
 from ..model import build_model, parameter_table, set_trainable
@@ -57,7 +57,7 @@ def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epo
     if not runtime.is_main:
         return
     path = runtime.output_dir / checkpoint_name(stage, epoch)
-    record = model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, dataset=dataset)
+    record = _final_record(model, cfg, dataset)
     save_checkpoint(path, {
         "stage": stage, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
         **record,
@@ -164,6 +164,12 @@ def _count_over_ranks(indices: list[int], runtime: Runtime) -> int:
     return len(torch.unique(gather_tensor(local.to(runtime.device), runtime)))
 
 
+def _final_record(model, cfg: Config, dataset) -> dict:
+    """The model and its card, as every checkpoint of a run holds them."""
+    return model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, num_views=dataset.num_views,
+                        dataset=dataset)
+
+
 def _save_final(runtime: Runtime, record: dict) -> None:
     save_checkpoint(runtime.output_dir / "model_final.pt", record)
 
@@ -181,13 +187,13 @@ def train(cfg: Config, dataset=None) -> dict:
         if stale:
             log.info("removed %d temp file(s) an interrupted save left in %s", len(stale), runtime.output_dir)
         (runtime.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+    dataset = dataset or dataset_from_config(cfg)
     if runtime.is_main:
         log.info("data set %s\n%s", cfg.data.dataset, dataset.stats_table())
     check_before_training(cfg, dataset, runtime)
     seed_everything(cfg.seed)  # before the build: random-init weights depend on it
-    model = build_model(cfg.model, num_classes=dataset.num_train_pids,
-                        num_cameras=dataset.num_train_cams).to(runtime.device)
+    model = build_model(cfg.model, num_classes=dataset.num_train_pids, num_cameras=dataset.num_train_cams,
+                        num_views=dataset.num_views).to(runtime.device)
     resume = _resume_state(cfg, runtime)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -208,18 +214,17 @@ def train(cfg: Config, dataset=None) -> dict:
             log.warning("%d unreadable training image(s) in total, each replaced by another image of the "
                         "same person", num_unreadable)
         # Saved before the evaluation, so that a failing evaluation cannot lose the trained model.
-        _save_final(runtime, model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, dataset=dataset))
+        _save_final(runtime, _final_record(model, cfg, dataset))
     metrics = evaluate_model(model, dataset, cfg, runtime)
     metrics["num_unreadable_train_images"] = num_unreadable
     if runtime.is_main:
-        _save_final(runtime, {**model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams,
-                                             dataset=dataset), "metrics": metrics})
+        _save_final(runtime, {**_final_record(model, cfg, dataset), "metrics": metrics})
         summary = {"dataset": cfg.data.dataset, "method": method_of(cfg), "seed": cfg.seed,
                    **metrics}
         runtime.log_metrics({"stage": "final", "eval": metrics})
         write_json(runtime.output_dir / "metrics.json", summary)
-        log.info("final: R1 %.2f  mAP %.2f  mINP %.2f", 100 * metrics["rank1"],
-                 100 * metrics["mAP"], 100 * metrics["mINP"])
+        log.info("final: R1 %.2f  mAP %.2f  mINP %.2f  (%s)", 100 * metrics["rank1"],
+                 100 * metrics["mAP"], 100 * metrics["mINP"], metrics["protocol"])
     runtime.close()
     return metrics
 
@@ -231,7 +236,7 @@ def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
         raise ValueError("no weights given: pass weights=PATH (a model_final.pt or checkpoint)")
     require_file(weights)
     runtime = setup_runtime(cfg)
-    dataset = dataset or load_dataset(cfg.data.dataset, cfg.data.root)
+    dataset = dataset or dataset_from_config(cfg)
     check_valid_queries(dataset)  # before the model is loaded and any image encoded
     model, _ = load_trained_model(weights, cfg, device=runtime.device)
     metrics = evaluate_model(model, dataset, cfg, runtime)

@@ -6,10 +6,11 @@ gives them with ``bgr=True``) or an already preprocessed float batch, and return
 notebooks all go through it, so every path applies the same test transform, flip averaging,
 precision and camera handling.
 
-Cameras: a model trained with SIE adds a learnt per-camera vector to its input, so its features
-depend on the camera id. Calling such a model without camera ids is an error, unless the caller
-chose a default (``default_camera=K``, or ``test.default_camera=K`` in a config): never a silently
-wrong row of the camera table.
+Cameras and views: a model trained with SIE adds a learnt per-camera (or per-view, or per
+camera-and-view) vector to its input, so its features depend on those ids. Calling such a model
+without them is an error, unless the caller chose a default (``default_camera=K`` /
+``default_view=K``, or ``test.default_camera`` / ``test.default_view`` in a config): never a
+silently wrong row of the SIE table.
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ class _TestImages(torch.utils.data.Dataset):
     """Test-time images; an unreadable file yields ``ok=False`` and is dropped after encoding
     (a test image must not be replaced by another one, as training does)."""
 
-    def __init__(self, items, transform, image_size):
+    def __init__(self, items, views, transform, image_size):
         self.items, self.transform, self.image_size = list(items), transform, image_size
+        self.views = list(views) if views is not None else [-1] * len(self.items)
 
     def __len__(self):
         return len(self.items)
@@ -53,10 +55,10 @@ class _TestImages(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, pid, camid = self.items[index]
         try:
-            return self.transform(read_image(path)), pid, camid, True
+            return self.transform(read_image(path)), pid, camid, self.views[index], True
         except UnreadableImageError as err:
             log.warning("%s; skipped", err)
-            return torch.zeros(3, *self.image_size), pid, camid, False
+            return torch.zeros(3, *self.image_size), pid, camid, self.views[index], False
 
 
 class FeatureExtractor:
@@ -76,30 +78,36 @@ class FeatureExtractor:
     """
 
     def __init__(self, weights, device: str = "auto", precision: str = "fp32", batch_size: int = 64, *,
-                 config=None, default_camera: int | None = None, flip: bool | None = None, num_workers: int = 0):
+                 config=None, default_camera: int | None = None, default_view: int | None = None,
+                 flip: bool | None = None, num_workers: int = 0):
         from ..model.io import load_trained_model
         torch_device = pick_device(device)
         model, cfg = load_trained_model(weights, config, device=torch_device)
         self._setup(model, cfg, Runtime(device=torch_device, amp_dtype=None, output_dir=None),
-                    _amp_dtype(precision, torch_device), batch_size, default_camera, flip, num_workers)
+                    _amp_dtype(precision, torch_device), batch_size, (default_camera, default_view), flip,
+                    num_workers)
 
     @classmethod
     def from_model(cls, model, cfg, runtime: Runtime | None = None, precision: str | None = None,
-                   batch_size: int | None = None, default_camera: int | None = None) -> "FeatureExtractor":
+                   batch_size: int | None = None, default_camera: int | None = None,
+                   default_view: int | None = None) -> "FeatureExtractor":
         """An extractor around a model in memory (during training, or loaded by the caller).
 
-        ``cfg`` gives the transform, ``test.batch_size``, ``test.flip``, ``test.precision`` and
-        ``test.default_camera``; ``runtime`` the device and, under torchrun, the shards.
+        ``cfg`` gives the transform, ``test.batch_size``, ``test.flip``, ``test.precision``,
+        ``test.default_camera`` and ``test.default_view``; ``runtime`` the device and, under
+        torchrun, the shards.
         """
         self = cls.__new__(cls)
         runtime = runtime or Runtime(device=pick_device(cfg.device), amp_dtype=None, output_dir=None)
         if default_camera is None and getattr(cfg.test, "default_camera", -1) >= 0:
             default_camera = cfg.test.default_camera
+        if default_view is None and getattr(cfg.test, "default_view", -1) >= 0:
+            default_view = cfg.test.default_view
         self._setup(model, cfg, runtime, _amp_dtype(precision or cfg.test.precision, runtime.device),
-                    batch_size or cfg.test.batch_size, default_camera, None, cfg.data.num_workers)
+                    batch_size or cfg.test.batch_size, (default_camera, default_view), None, cfg.data.num_workers)
         return self
 
-    def _setup(self, model, cfg, runtime, amp_dtype, batch_size, default_camera, flip, num_workers) -> None:
+    def _setup(self, model, cfg, runtime, amp_dtype, batch_size, defaults, flip, num_workers) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be a positive number of images")
         self.model, self.cfg, self.runtime, self.amp_dtype = model, cfg, runtime, amp_dtype
@@ -107,10 +115,13 @@ class FeatureExtractor:
         self.flip = cfg.test.flip if flip is None else flip
         self.image_size = tuple(int(s) for s in cfg.model.image_size)
         self.transform = build_transforms(cfg.data, self.image_size, train=False)
-        self.num_cameras = model.sie_embed.shape[0] if getattr(model, "uses_sie", False) else 0
-        if default_camera is not None and self.num_cameras and not 0 <= default_camera < self.num_cameras:
-            raise ValueError(f"default_camera={default_camera}: this model knows cameras 0..{self.num_cameras - 1}")
-        self.default_camera = default_camera
+        self.num_cameras = getattr(model, "sie_cameras", 0)   # 0: features do not depend on cameras
+        self.num_views = getattr(model, "sie_views", 0)       # 0: nor on views
+        self.default_camera, self.default_view = defaults
+        for what, default, count in (("camera", self.default_camera, self.num_cameras),
+                                     ("view", self.default_view, self.num_views)):
+            if default is not None and count and not 0 <= default < count:
+                raise ValueError(f"default_{what}={default}: this model knows {what}s 0..{count - 1}")
 
     @property
     def feature_dim(self) -> int:
@@ -118,18 +129,18 @@ class FeatureExtractor:
 
     @property
     def uses_sie(self) -> bool:
-        """Whether features depend on camera ids (the model was trained with SIE)."""
-        return self.num_cameras > 0
+        """Whether features depend on camera or view ids (the model was trained with SIE)."""
+        return self.num_cameras > 0 or self.num_views > 0
 
     # ------------------------------------------------------------------ images in memory
 
-    def __call__(self, images, cameras=None, *, bgr: bool = False) -> torch.Tensor:
+    def __call__(self, images, cameras=None, views=None, *, bgr: bool = False) -> torch.Tensor:
         """Features [N, D] (float32, CPU) of ``images``, in their order.
 
         ``images``: a path, a PIL image, an H×W×3 uint8 array, a list of those, an N×H×W×3 uint8
-        array, or a float batch [N, 3, H, W] already resized and normalised. ``cameras``: one
-        0-based id per image (or one for all); needed when the model uses SIE, ignored otherwise. ``bgr``: the arrays
-        are BGR (OpenCV) rather than RGB.
+        array, or a float batch [N, 3, H, W] already resized and normalised. ``cameras`` / ``views``:
+        one 0-based id per image (or one for all); needed when the model's SIE uses them, ignored
+        otherwise. ``bgr``: the arrays are BGR (OpenCV) rather than RGB.
         """
         batch = _as_float_batch(images)
         if batch is not None:
@@ -139,91 +150,106 @@ class FeatureExtractor:
             tensors = list(batch)
         else:
             tensors = [self.transform(_as_pil(image, bgr)) for image in _as_list(images)]
-        cams = self._cameras(cameras, len(tensors))
-        out = [self._encode(torch.stack(tensors[i:i + self.batch_size]),
-                            None if cams is None else cams[i:i + self.batch_size])
+        cams = self._side_ids(cameras, len(tensors), "camera", self.num_cameras, self.default_camera)
+        views = self._side_ids(views, len(tensors), "view", self.num_views, self.default_view)
+        part = lambda ids, i: None if ids is None else ids[i:i + self.batch_size]  # noqa: E731
+        out = [self._encode(torch.stack(tensors[i:i + self.batch_size]), part(cams, i), part(views, i))
                for i in range(0, len(tensors), self.batch_size)]
         return torch.cat(out).cpu() if out else torch.zeros(0, self.feature_dim)
 
-    def _cameras(self, cameras, n: int) -> torch.Tensor | None:
-        if not self.uses_sie:
+    @staticmethod
+    def _side_ids(ids, n: int, what: str, count: int, default: int | None) -> torch.Tensor | None:
+        """``ids`` (one per image, or one for all) as a checked long tensor; None when the model's
+        SIE does not use this kind of id (``count`` 0)."""
+        if not count:
             return None
-        if cameras is None:
-            if self.default_camera is None:
-                raise ValueError(f"this model was trained with SIE ({self.num_cameras} cameras): pass cameras=[...] "
-                                 "(0-based, one per image), or choose a default with default_camera=K")
-            cameras = self.default_camera
-        cams = torch.as_tensor(cameras, dtype=torch.long).reshape(-1)
-        if cams.numel() == 1:
-            cams = cams.expand(n)
-        if cams.numel() != n:
-            raise ValueError(f"{cams.numel()} camera ids for {n} images: give one per image, or one for all")
-        if n and not (0 <= int(cams.min()) and int(cams.max()) < self.num_cameras):
-            raise ValueError(f"camera ids must lie in 0..{self.num_cameras - 1} (0-based) for this model; "
-                             f"got {int(cams.min())}..{int(cams.max())}")
-        return cams
+        if ids is None:
+            if default is None:
+                raise ValueError(f"this model was trained with SIE over {count} {what}s: pass {what}s=[...] "
+                                 f"(0-based, one per image), or choose a default with default_{what}=K")
+            ids = default
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 1:
+            ids = ids.expand(n)
+        if ids.numel() != n:
+            raise ValueError(f"{ids.numel()} {what} ids for {n} images: give one per image, or one for all")
+        if n and not (0 <= int(ids.min()) and int(ids.max()) < count):
+            raise ValueError(f"{what} ids must lie in 0..{count - 1} (0-based) for this model; "
+                             f"got {int(ids.min())}..{int(ids.max())}")
+        return ids
 
     @torch.no_grad()
-    def _encode(self, images: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor, cams: torch.Tensor | None,
+                views: torch.Tensor | None = None) -> torch.Tensor:
         """Features of one batch on the model's device, float32; the mirror's averaged in with ``flip``."""
         was_training = self.model.training
         self.model.eval()
         device = self.runtime.device
         images = images.to(device, non_blocking=True)
-        cams = None if cams is None else cams.to(device)
+        side = {"cams": None if cams is None else cams.to(device),
+                "views": None if views is None else views.to(device)}
         amp = (contextlib.nullcontext() if self.amp_dtype is None
                else torch.autocast(device_type=device.type, dtype=self.amp_dtype))
         with amp:
-            feats = self.model.encode_image(images, cams=cams).float()
+            feats = self.model.encode_image(images, **side).float()
             if self.flip:
-                feats = (feats + self.model.encode_image(images.flip(-1), cams=cams).float()) / 2
+                feats = (feats + self.model.encode_image(images.flip(-1), **side).float()) / 2
         self.model.train(was_training)
         return feats
 
     # ------------------------------------------------------------------ images on disk
 
-    def extract_items(self, items, desc: str = "features", progress: bool = True):
+    def extract_items(self, items, desc: str = "features", progress: bool = True, views=None):
         """Features of (path, pid, camid) ``items`` with a DataLoader, for folders and data sets.
 
         Returns ``(features [K, D], pids [K], camids [K], kept [N] bool)``: unreadable images are
         skipped and counted in a warning. Under torchrun each rank encodes a contiguous shard, then
-        the shards are gathered in order. Items without a camera (camid < 0) take the default
-        camera when the model uses SIE, and are an error when there is none.
+        the shards are gathered in order. ``views``: one view id per item (-1: none), for a model
+        with view SIE (``ReIDDataset.view_ids(items)``). Items without a camera (camid < 0) or view
+        take the default when the model's SIE uses them, and are an error when there is none.
         """
         items = list(items)
-        self._check_item_cameras(items, desc)
-        feats, pids, camids, keep = self._extract_items(items, desc, progress)
+        views = [-1] * len(items) if views is None else list(views)
+        if len(views) != len(items):
+            raise ValueError(f"{desc}: {len(views)} view ids for {len(items)} images")
+        self._check_side_ids(desc, [p for p, _, _ in items], [c for _, _, c in items], "camera",
+                             self.num_cameras, self.default_camera,
+                             "name them Market-style (PPPP_cC...) or set test.default_camera=K")
+        self._check_side_ids(desc, [p for p, _, _ in items], views, "view", self.num_views, self.default_view,
+                             "give view labels (VeRi: keypoint_train.txt / keypoint_test.txt) or set "
+                             "test.default_view=K")
+        feats, pids, camids, keep = self._extract_items(items, views, desc, progress)
         if not bool(keep.all()):
             log.warning("%s: %d unreadable image(s) skipped", desc, int((~keep).sum()))
         return feats[keep], pids[keep], camids[keep], keep
 
-    def _check_item_cameras(self, items, desc: str) -> None:
-        if not self.uses_sie:
+    @staticmethod
+    def _check_side_ids(desc, paths, ids, what: str, count: int, default, fix: str) -> None:
+        if not count:
             return
-        unknown = [path for path, _, cam in items if cam < 0]
-        if unknown and self.default_camera is None:
-            raise ValueError(f"{desc}: {len(unknown)} image(s) have no camera id (e.g. {Path(unknown[0]).name}) and "
-                             f"this model was trained with SIE ({self.num_cameras} cameras); name them Market-style "
-                             "(PPPP_cC...) or set test.default_camera=K (FeatureExtractor(default_camera=K))")
-        too_high = [path for path, _, cam in items if cam >= self.num_cameras]
+        unknown = [path for path, i in zip(paths, ids) if i < 0]
+        if unknown and default is None:
+            raise ValueError(f"{desc}: {len(unknown)} image(s) have no {what} id (e.g. {Path(unknown[0]).name}) and "
+                             f"this model was trained with SIE over {count} {what}s; {fix} "
+                             f"(FeatureExtractor(default_{what}=K))")
+        too_high = [path for path, i in zip(paths, ids) if i >= count]
         if too_high:
-            raise ValueError(f"{desc}: camera ids up to {max(c for _, _, c in items)} but this model knows "
-                             f"{self.num_cameras} cameras (e.g. {Path(too_high[0]).name})")
+            raise ValueError(f"{desc}: {what} ids up to {max(ids)} but this model knows "
+                             f"{count} {what}s (e.g. {Path(too_high[0]).name})")
 
     @torch.no_grad()
-    def _extract_items(self, items, desc, progress):
+    def _extract_items(self, items, views, desc, progress):
         runtime = self.runtime
-        dataset = _TestImages(items, self.transform, self.image_size)
+        dataset = _TestImages(items, views, self.transform, self.image_size)
         local = Subset(dataset, list(shard(len(dataset), runtime)))
         loader = DataLoader(local, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                             pin_memory=runtime.device.type == "cuda")
         feats, pids, camids, oks = [], [], [], []
         bar = tqdm(loader, desc=desc, disable=not (progress and runtime.is_main), leave=False)
-        for images, pid, camid, ok in bar:
-            cams = None
-            if self.uses_sie:
-                cams = torch.where(camid < 0, torch.full_like(camid, self.default_camera or 0), camid)
-            feats.append(self._encode(images, cams))
+        for images, pid, camid, view, ok in bar:
+            cams = _or_default(camid, self.default_camera) if self.num_cameras else None
+            view = _or_default(view, self.default_view) if self.num_views else None
+            feats.append(self._encode(images, cams, view))
             pids.append(pid)
             camids.append(camid)
             oks.append(ok.to(torch.uint8))
@@ -233,6 +259,11 @@ class FeatureExtractor:
         cam_t = gather_tensor(torch.cat(camids) if camids else torch.zeros(0, dtype=torch.long), runtime)
         ok_t = gather_tensor(torch.cat(oks) if oks else torch.zeros(0, dtype=torch.uint8), runtime)
         return out, pid_t.cpu(), cam_t.cpu(), ok_t.cpu().bool()
+
+
+def _or_default(ids: torch.Tensor, default: int | None) -> torch.Tensor:
+    """Unknown ids (< 0) replaced by the default (checked to exist beforehand)."""
+    return torch.where(ids < 0, torch.full_like(ids, default or 0), ids)
 
 
 # --------------------------------------------------------------------------- input kinds

@@ -50,12 +50,13 @@ def reidlib_version() -> str:
         return "0+unknown"
 
 
-def model_record(model, cfg: Config, num_classes: int, num_cameras: int, *, dataset=None) -> dict:
-    """The checkpoint entries that rebuild ``model`` (weights, config, identities, cameras,
+def model_record(model, cfg: Config, num_classes: int, num_cameras: int, *, num_views: int = 0,
+                 dataset=None) -> dict:
+    """The checkpoint entries that rebuild ``model`` (weights, config, identities, cameras, views,
     activation) and its model card: reidlib version, UTC creation time, data set name and, given the
     loaded ``dataset``, its statistics (ids, images, cameras per split)."""
     record = {"model": model.state_dict(), "config": to_dict(cfg), "num_classes": num_classes,
-              "num_cameras": num_cameras, "quick_gelu": uses_quick_gelu(model),
+              "num_cameras": num_cameras, "num_views": num_views, "quick_gelu": uses_quick_gelu(model),
               "reidlib_version": reidlib_version(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "dataset": cfg.data.dataset}
@@ -105,8 +106,9 @@ def convert_weights(src: str | Path, dst: str | Path, cfg: Config | None = None,
     set it was trained on when known (a reference file does not say)."""
     kind, state = read_weights(src)
     model, used = load_trained_model(src, cfg)
-    num_cameras = model.sie_embed.shape[0] if model.uses_sie else int(state.get("num_cameras", 0))
-    record = model_record(model, used, model.num_classes, num_cameras)
+    num_cameras = model.sie_cameras or int(state.get("num_cameras", 0))
+    record = model_record(model, used, model.num_classes, num_cameras,
+                          num_views=model.sie_views or int(state.get("num_views", 0)))
     record["dataset"] = dataset or (state.get("dataset", used.data.dataset) if kind == "reidlib" else "not recorded")
     record["converted_from"] = str(src)
     if kind == "reference":
@@ -144,7 +146,8 @@ def load_trained_model(path: str | Path, cfg: Config | None = None, device="cpu"
     # the trained model used (QuickGELU for OpenAI weights).
     build_cfg = dataclasses.replace(model_cfg, pretrained="none",
                                     quick_gelu="true" if state["quick_gelu"] else "false")
-    model = build_model(build_cfg, num_classes=state["num_classes"], num_cameras=state["num_cameras"])
+    model = build_model(build_cfg, num_classes=state["num_classes"], num_cameras=state["num_cameras"],
+                        num_views=state.get("num_views", 0))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), dataclasses.replace(cfg or saved, model=model_cfg)
 
@@ -158,7 +161,8 @@ def _load_reference(path, state: dict, cfg: Config | None, device):
         if list(base.data.pixel_mean) != list(resnet_mean):
             log.warning("%s: a ResNet model read with data.pixel_mean=%s; the reference normalised RN50 input with "
                         "%s (the rn50_clipreid config)", path, list(base.data.pixel_mean), list(resnet_mean))
-    model = build_model(ref.model_cfg, num_classes=ref.num_classes, num_cameras=ref.num_cameras)
+    model = build_model(ref.model_cfg, num_classes=ref.num_classes, num_cameras=ref.num_cameras,
+                        num_views=ref.num_views)
     result = model.load_state_dict(ref.state, strict=ref.has_text)
     # A make_model (baseline) file has no text tower and no prompts; they stay random, unused for images.
     leftover = [k for k in result.missing_keys if not k.startswith(("text.", "prompts."))]
@@ -187,7 +191,7 @@ def describe_weights(path: str | Path, cfg: Config | None = None) -> dict:
             "prompts": f"{model.prompt} ({model.n_shared} shared + {model.n_per_id} per-ID, depth {model.depth})",
             "LoRA": f"r {model.lora.r}, alpha {model.lora.alpha} on {','.join(model.lora.targets)}"
                     if model.lora.enabled else "off",
-            "SIE": f"{state['num_cameras']} cameras, coefficient {model.sie_coe}" if model.sie_camera else "off",
+            "SIE": _sie_card(model, state),
             "identities": state["num_classes"], "dataset": state.get("dataset", saved.data.dataset)}
     for key in ("dataset_stats", "metrics", "reidlib_version", "created"):
         if key in state:
@@ -195,3 +199,10 @@ def describe_weights(path: str | Path, cfg: Config | None = None) -> dict:
     if "stage" in state:
         card["resumable"] = f"stage {state['stage']}, {state['epoch']} epochs done"
     return card
+
+
+def _sie_card(model_cfg, state: dict) -> str:
+    """What the SIE table is indexed by, for the model card."""
+    parts = ([f"{state['num_cameras']} cameras"] if model_cfg.sie_camera else []) + \
+        ([f"{state.get('num_views', 0)} views"] if model_cfg.sie_view else [])
+    return f"{' x '.join(parts)}, coefficient {model_cfg.sie_coe}" if parts else "off"

@@ -19,11 +19,14 @@ key holds, learnt from those repositories (the conversion below is written from 
 * ``prompt_learner.cls_ctx`` [C, 4, w] (CLIP-ReID: "A photo of a X X X X person."), or the thesis's
   ``cls_vector`` [2, w], ``cls_ctx_per_id`` [C, 1, w], ``compound_prompts_text.k`` [2, w] and
   ``compound_per_id_prompts_text.k`` [C, 1, w] for k = 0..7 ("A photo of a Y Y X person.").
-* ``cv_embed`` [cameras, w] (SIE), ``bottleneck``, ``bottleneck_proj``, ``classifier``,
-  ``classifier_proj``; the thesis also keeps CLIP's ``logit_scale`` (unused).
+* ``cv_embed`` [cameras, w] (SIE; [cameras x views, w], row camera * views + view, with
+  ``SIE_CAMERA`` and ``SIE_VIEW``; [views, w] with ``SIE_VIEW`` alone), ``bottleneck``,
+  ``bottleneck_proj``, ``classifier``, ``classifier_proj``; the thesis also keeps CLIP's ``logit_scale`` (unused).
 
 The file does not record the input size, the SIE coefficient, the test feature (before/after the
-BNNeck) or the LoRA alpha; those come from the config and :func:`convert_reference` names them.
+BNNeck), the LoRA alpha, or whether the SIE table is over cameras, views or both (camera-only is
+assumed unless ``model.sie_view`` is set); those come from the config and :func:`convert_reference`
+names them.
 
 Example::
 
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 import open_clip
 import torch
 
+from ..data.vehicles import VERI_VIEWS  # VeRi-776's 8 orientations: the only views the reference reads
 from .backbone import TINY_CONFIGS  # importing it registers the tiny architectures with open_clip
 
 # The thesis computes its LoRA update as alpha/sqrt(r)·B·A (loralib/layers.py), i.e. rsLoRA.
@@ -63,6 +67,7 @@ class ReferenceWeights:
     detected: dict = field(default_factory=dict)   # what the file says
     assumed: dict = field(default_factory=dict)    # what the config supplied (the file cannot tell)
     has_text: bool = True             # False for make_model (baseline) files: no text tower, no prompts
+    num_views: int = 0
 
     def summary(self) -> str:
         """One line: what was detected, and what came from the config."""
@@ -97,18 +102,35 @@ def convert_reference(state: dict, model_cfg, source: str = "weights") -> Refere
     converted = {**image, **_text_tower(parts, prompt, model_cfg, arch, source, detected), **parts["heads"]}
     num_classes = _num_classes(parts["heads"], source)
     detected["identities"] = num_classes
-    num_cameras = 0
+    num_cameras = num_views = 0
     if "cv_embed" in parts["other"]:
         converted["sie_embed"] = parts["other"]["cv_embed"]
-        num_cameras = converted["sie_embed"].shape[0]
-        detected["SIE cameras"] = num_cameras
+        num_cameras, num_views = _sie_shape(converted["sie_embed"].shape[0], model_cfg, source)
+        detected.update({"SIE cameras": num_cameras} if not num_views else
+                        {"SIE views": num_views} if not num_cameras else
+                        {"SIE cameras x views": f"{num_cameras} x {num_views}"})
+        assumed["model.sie_view"] = num_views > 0
         assumed["model.sie_coe"] = model_cfg.sie_coe
     assumed["model.neck_feat"] = model_cfg.neck_feat
     lora_cfg = _lora_config(lora, model_cfg, vit and _has_split_attention(parts["image"]), detected, assumed)
     cfg = dataclasses.replace(model_cfg, name=arch, pretrained="none", quick_gelu="true", stride=stride,
-                              sie_camera=num_cameras > 0, lora=lora_cfg, **prompt)
+                              sie_camera=num_cameras > 0, sie_view=num_views > 0, lora=lora_cfg, **prompt)
     return ReferenceWeights(cfg, num_classes, num_cameras, converted, detected, assumed,
-                            has_text=bool(parts["text"]))
+                            has_text=bool(parts["text"]), num_views=num_views)
+
+
+def _sie_shape(rows: int, model_cfg, source: str) -> tuple[int, int]:
+    """(cameras, views) of a ``cv_embed`` with ``rows`` rows. The file cannot tell a camera table
+    from a view or a joint one; ``model.sie_view`` says views are in it (VeRi's 8), and with
+    ``model.sie_camera`` too the rows are cameras x 8, as the reference indexes them."""
+    if not model_cfg.sie_view:
+        return rows, 0
+    if not model_cfg.sie_camera:
+        return 0, rows
+    if rows % VERI_VIEWS:
+        raise ValueError(f"{source}: cv_embed has {rows} rows, not cameras x {VERI_VIEWS} views; "
+                         "with a camera-only table set model.sie_view=false")
+    return rows // VERI_VIEWS, VERI_VIEWS
 
 
 def _image_tower(image: dict, vit: bool, model_cfg, source: str, detected: dict) -> tuple[dict, int, dict | None]:

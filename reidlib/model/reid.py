@@ -51,7 +51,7 @@ class ReIDModel(nn.Module):
         text = model.all_text_features()                         # [5, 32]
     """
 
-    def __init__(self, clip, cfg, num_classes: int, num_cameras: int = 0):
+    def __init__(self, clip, cfg, num_classes: int, num_cameras: int = 0, num_views: int = 0):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -59,7 +59,9 @@ class ReIDModel(nn.Module):
         self.text = TextEncoder(clip)
         self.prompts = build_prompt_learner(cfg, num_classes, self.text)
         width, embed = self.visual.width, self.visual.embed_dim
-        self.sie_embed = self._sie_table(cfg, num_cameras, width)
+        self.sie_cameras = num_cameras if cfg.sie_camera else 0   # 0: SIE ignores cameras
+        self.sie_views = num_views if cfg.sie_view else 0           # 0: SIE ignores views
+        self.sie_embed = self._sie_table(cfg, width)
         self.sie_coe = cfg.sie_coe
         self.bottleneck, self.bottleneck_proj = _bnneck(width), _bnneck(embed)
         self.classifier, self.classifier_proj = _classifier(width, num_classes), _classifier(embed, num_classes)
@@ -72,28 +74,50 @@ class ReIDModel(nn.Module):
 
     @property
     def uses_sie(self) -> bool:
-        """Whether image features need camera ids (``cams=``): SIE is on."""
+        """Whether image features need side information (``cams=`` and/or ``views=``): SIE is on."""
         return self.sie_embed is not None
 
-    def _sie_table(self, cfg, num_cameras: int, width: int) -> nn.Parameter | None:
-        """SIE (He et al., TransReID, ICCV 2021): a learnable vector per camera, trunc-normal 0.02."""
-        if not cfg.sie_camera:
+    def _sie_table(self, cfg, width: int) -> nn.Parameter | None:
+        """SIE (He et al., TransReID, ICCV 2021): a learnable vector per camera, per view, or per
+        (camera, view) pair, trunc-normal std 0.02, as the reference's ``cv_embed``."""
+        if not (cfg.sie_camera or cfg.sie_view):
             return None
+        which = "model.sie_camera" if cfg.sie_camera else "model.sie_view"
         if not isinstance(self.visual, ReIDViT):
-            raise ValueError("model.sie_camera applies to ViT image encoders only")
-        if num_cameras < 1:
-            raise ValueError("model.sie_camera needs num_cameras >= 1")
-        return nn.Parameter(nn.init.trunc_normal_(torch.zeros(num_cameras, width), std=0.02))
+            raise ValueError(f"{which} applies to ViT image encoders only")
+        if cfg.sie_camera and self.sie_cameras < 1:
+            raise ValueError("model.sie_camera needs camera ids, and this data set has none: "
+                             "set model.sie_camera=false")
+        if cfg.sie_view and self.sie_views < 1:
+            raise ValueError("model.sie_view needs view labels, and this data set has none: "
+                             "set model.sie_view=false")
+        rows = max(self.sie_cameras, 1) * max(self.sie_views, 1)
+        return nn.Parameter(nn.init.trunc_normal_(torch.zeros(rows, width), std=0.02))
 
-    def _image_features(self, x: torch.Tensor, cams: torch.Tensor | None):
+    def sie_rows(self, cams: torch.Tensor | None, views: torch.Tensor | None) -> torch.Tensor:
+        """The SIE table row of each image: ``camera * num_views + view`` with both (the
+        reference's ``cv_embed[cam_label * view_num + view_label]``), else the camera or the view.
+
+        Example (20 cameras x 8 views, as VeRi-776)::
+
+            model.sie_rows(torch.tensor([0, 2]), torch.tensor([1, 7]))    # tensor([ 1, 23])
+        """
+        if self.sie_cameras and cams is None:
+            raise ValueError("model.sie_camera is on: pass the camera ids (cams=...)")
+        if self.sie_views and views is None:
+            raise ValueError("model.sie_view is on: pass the view ids (views=...)")
+        if self.sie_cameras and self.sie_views:
+            return cams * self.sie_views + views
+        return cams if self.sie_cameras else views
+
+    def _image_features(self, x: torch.Tensor, cams: torch.Tensor | None, views: torch.Tensor | None = None):
         cls_bias = None
         if self.sie_embed is not None:
-            if cams is None:
-                raise ValueError("model.sie_camera is on: pass the camera ids (cams=...)")
-            cls_bias = self.sie_coe * self.sie_embed[cams]
+            cls_bias = self.sie_coe * self.sie_embed[self.sie_rows(cams, views)]
         return self.visual(x, cls_bias)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cams: torch.Tensor | None = None) -> dict:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, cams: torch.Tensor | None = None,
+                views: torch.Tensor | None = None) -> dict:
         """Training outputs for images [B, 3, H, W].
 
         Returns ``logits`` = [cls_score, cls_score_proj] (classifiers on the BNNeck outputs),
@@ -101,13 +125,14 @@ class ReIDModel(nn.Module):
         image-to-text loss). ``labels`` is unused (the classifiers are plain Linears); it is
         accepted so training loops may pass it as the reference does.
         """
-        f_last, f, f_proj = self._image_features(x, cams)
+        f_last, f, f_proj = self._image_features(x, cams, views)
         logits = [self.classifier(self.bottleneck(f)), self.classifier_proj(self.bottleneck_proj(f_proj))]
         return {"logits": logits, "feats": [f_last, f, f_proj], "f_proj": f_proj}
 
-    def encode_image(self, x: torch.Tensor, cams: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_image(self, x: torch.Tensor, cams: torch.Tensor | None = None,
+                     views: torch.Tensor | None = None) -> torch.Tensor:
         """The test feature [B, feature_dim]: concat(f, f_proj), before or after the BNNeck."""
-        _, f, f_proj = self._image_features(x, cams)
+        _, f, f_proj = self._image_features(x, cams, views)
         if self.neck_feat == "after":
             f, f_proj = self.bottleneck(f), self.bottleneck_proj(f_proj)
         return torch.cat([f, f_proj], dim=1)
@@ -127,7 +152,7 @@ class ReIDModel(nn.Module):
         return torch.cat([self.encode_text(part) for part in labels.split(chunk or self.text_chunk)])
 
 
-def build_model(cfg, num_classes: int, num_cameras: int = 0) -> ReIDModel:
+def build_model(cfg, num_classes: int, num_cameras: int = 0, num_views: int = 0) -> ReIDModel:
     """The re-ID model that ``cfg`` (a ``reidlib.config.ModelConfig``) describes.
 
     Loads CLIP (``cfg.name``, ``cfg.pretrained``), adapts it and, when ``cfg.lora.enabled``,
@@ -150,7 +175,7 @@ def build_model(cfg, num_classes: int, num_cameras: int = 0) -> ReIDModel:
     else:
         check_source(cfg, source)
         clip = load_clip(cfg.name, "none", "true" if source.quick_gelu else "false")
-    model = ReIDModel(clip, cfg, num_classes, num_cameras)
+    model = ReIDModel(clip, cfg, num_classes, num_cameras, num_views)
     if source is not None:       # before LoRA: the trained weights are plain Linears
         take_trained_weights(model, source)
     if cfg.lora.enabled:

@@ -186,7 +186,7 @@ def summarize(runs: pd.DataFrame, reference: str = "baseline",
     rows = []
     for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
         row = {"dataset": dataset, "method": method, "n_seeds": len(group),
-               "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
+               "seeds": ",".join(str(s) for s in sorted(group["seed"])), "protocol": _protocol(group)}
         for m in metrics:
             values = 100 * group[m].astype(float)
             row[f"{m}_mean"] = values.mean()
@@ -210,6 +210,20 @@ def summarize(runs: pd.DataFrame, reference: str = "baseline",
     if len(summary):
         summary = summary.sort_values(["dataset", "method"], key=_sort_key).reset_index(drop=True)
     return summary
+
+
+def _protocol(group: pd.DataFrame) -> str:
+    """The evaluation protocol the runs name (runs from before it was recorded: the Market one)."""
+    named = group["protocol"].dropna().unique().tolist() if "protocol" in group else []
+    return " / ".join(named) if named else "Market-1501 protocol"
+
+
+def protocol_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per data set: how its query/gallery were formed and which matches were left out."""
+    if "protocol" not in summary or not len(summary):
+        return []
+    pairs = summary[["dataset", "protocol"]].drop_duplicates()
+    return [f"- {row.dataset}: {row.protocol}" for row in pairs.itertuples()]
 
 
 def _by_seed(group: pd.DataFrame, metric: str) -> dict:
@@ -316,6 +330,9 @@ def summary_markdown(summary: pd.DataFrame, reference: str = "baseline",
                   "± std of the per-seed gains (p: paired t-test across seeds).", "",
                   to_markdown(table), ""]
     parts += ["## All runs", "", to_markdown(methods_table(summary)), "", "## Notes", "", TEST_NOTE, ""]
+    notes = protocol_notes(summary)
+    if notes:
+        parts += ["Evaluation protocol per data set:", "", *notes, ""]
     return "\n".join(parts)
 
 
@@ -337,7 +354,12 @@ def headline_table(metrics: dict) -> pd.DataFrame:
     row.update({f"re-ranked {name} (%)": round(100 * float(metrics[f"rerank_{key}"]), 2)
                 for key, name in METRIC_NAMES.items() if f"rerank_{key}" in metrics})
     if "num_valid_queries" in metrics:
-        row["valid queries"] = int(metrics["num_valid_queries"])
+        valid = float(metrics["num_valid_queries"])       # a mean over VehicleID's draws may be fractional
+        row["valid queries"] = int(valid) if valid.is_integer() else round(valid, 1)
+    if "num_trials" in metrics:
+        row["draws"] = int(metrics["num_trials"])
+    if "protocol" in metrics:
+        row["protocol"] = metrics["protocol"]
     return pd.DataFrame([row])
 
 
