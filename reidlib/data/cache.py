@@ -160,8 +160,8 @@ class TrainBatches:
         self.cfg, self.runtime = cfg, runtime
         self.items = dataset.train
         self.cache = image_cache
-        # View ids (-1: none) by train index, for view SIE; an unreadable image replaced by another
-        # of the same identity keeps its own view label on the DataLoader path.
+        # View ids (-1: none) by train index, for view SIE. An unreadable image replaced by another of
+        # the same identity (on either path) keeps its own view label: the one item's label is off.
         self.views = torch.tensor(dataset.view_ids(dataset.train), dtype=torch.long)
         if self.cache is not None:
             self.labels, self.cams = self.cache.pids, self.cache.camids
