@@ -44,8 +44,8 @@ Item = tuple[str, int, int]  # (image path, person id, camera id)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what any image listing takes
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # 0002_c1s1_000451_03.jpg -> pid 2, camera 1
-IDENTITY_NAME = re.compile(r"^(-?\d+)_(?:c(\d+))?")  # as MARKET_NAME, or 0002_000451_03.jpg -> pid 2, no camera
+# 0002_c1s1_000451_03.jpg -> pid 2, camera 1 (Market); 0002_000451_03.jpg -> pid 2, no camera
+IDENTITY_NAME = re.compile(r"^(-?\d+)_(?:c(\d+))?")
 NO_CAMERA = -1  # the camid of an image whose camera is not known
 SHOW_AT_MOST = 5  # how many offending names a warning lists
 
@@ -303,8 +303,8 @@ def parse_market_name(name: str) -> tuple[int, int] | None:
     >>> parse_market_name("IMG_0042.jpg") is None
     True
     """
-    match = MARKET_NAME.match(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    parsed = parse_identity_name(name)
+    return parsed if parsed is not None and parsed[1] is not None else None
 
 
 def parse_identity_name(name: str) -> tuple[int, int | None] | None:
