@@ -52,6 +52,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .captions import CLOTHES_NAMES, HAIR_NAMES, LOWER_NAMES, SHOES_NAMES, describe
+from .vehicles import VEHICLEID_TEST_SIZES, VERI_KEYPOINT_FILES
+from .vehicles import VERI_FOLDERS as VERI_IMAGE_FOLDERS
 
 HEIGHT, WIDTH = 128, 64
 SPLIT_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
@@ -536,10 +538,11 @@ def _prepare_folder(folder: Path, overwrite: bool) -> None:
 
 # --------------------------------------------------------------------------- vehicle formats
 
-VERI_FOLDERS = {"bounding_box_train": "image_train", "query": "image_query", "bounding_box_test": "image_test"}
-KEYPOINT_FILES = {"image_train": "keypoint_train.txt", "image_query": "keypoint_test.txt",
-                  "image_test": "keypoint_test.txt"}
-VEHICLEID_SIZES = (800, 1600, 2400)
+# The loaders' own folder and file names (reidlib.data.vehicles), so that writer and reader agree.
+VERI_FOLDERS = dict(zip(SPLIT_FOLDERS, VERI_IMAGE_FOLDERS))          # Market split -> VeRi folder
+# train images are labelled in the train file, query and test images in the test file, as VeRi's
+KEYPOINT_FILES = {folder: VERI_KEYPOINT_FILES[0] if folder == VERI_IMAGE_FOLDERS[0] else VERI_KEYPOINT_FILES[1]
+                  for folder in VERI_IMAGE_FOLDERS}
 FORMATS = {"market": "market1501", "veri": "veri", "vehicleid": "vehicleid"}  # format -> the loader that reads it
 
 
@@ -639,8 +642,8 @@ def write_vehicleid_lists(out: Path, jobs: list[tuple], train: set[int]) -> None
     split.mkdir(parents=True, exist_ok=True)
     test_ids = sorted({key for _, key, *_ in jobs} - train)
     lists = {"train_list.txt": train}
-    for size in VEHICLEID_SIZES:
-        lists[f"test_list_{size}.txt"] = set(test_ids[: -(-len(test_ids) * size // VEHICLEID_SIZES[-1])])
+    for size in VEHICLEID_TEST_SIZES:
+        lists[f"test_list_{size}.txt"] = set(test_ids[: -(-len(test_ids) * size // VEHICLEID_TEST_SIZES[-1])])
     for name, keys in lists.items():
         rows = [f"{Path(rel).stem} {key}\n" for rel, key, *_ in jobs if key in keys]
         (split / name).write_text("".join(rows))
@@ -683,9 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.time() - started
-    # here, so that the generator does not need the loaders; importing vehicles registers veri and vehicleid
-    from .datasets import load_dataset
-    from .vehicles import vehicleid, veri  # noqa: F401
+    from .datasets import load_dataset  # the vehicle loaders are registered: this module imports vehicles
     print(load_dataset(FORMATS[args.format], out, train_only=args.train_only).stats_table())
     print(f"written in {seconds:.1f} s")
     return 0
