@@ -2,6 +2,8 @@
 #
 #   make demo              generated data set -> baseline vs proposed training -> results/demo/
 #   make test              lint (ruff), then the test suite and reidlib's doctests (CPU, no network)
+#   make test-fast         lint, then the quick tier: everything but the tests marked slow (pretraining,
+#                          notebooks, sweeps, whole training runs)
 #   make TORCH=system ...  keep the torch/torchvision of $(PYTHON) (e.g. a GPU box's CUDA build):
 #                          the venv then sees the system site-packages and torch is not reinstalled.
 #   make lock              rewrite requirements.lock after editing constraints.txt or pyproject.toml
@@ -24,7 +26,7 @@ LOCK_ARGS ?=
 TORCH_ONLY := torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|networkx|setuptools
 DEMO_ARGS ?=
 
-.PHONY: demo test install lock bench clean-demo
+.PHONY: demo test test-fast install lock bench clean-demo
 
 install: $(STAMP)
 
@@ -54,6 +56,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check reidlib tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check reidlib tests bench
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/eval_bench.py

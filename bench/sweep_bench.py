@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reidlib.config import run_dir  # noqa: E402
 from reidlib.demo import DATASET, DEMO_OVERRIDES, prepare_data  # noqa: E402
-from reidlib.sweep import run_sweep  # noqa: E402
+from reidlib.experiments.sweep import run_sweep  # noqa: E402
 
 QUICK = ["stage1.epochs=1", "stage2.epochs=1", "stage2.steps=[1]", "stage2.eval_period=0"]
 

@@ -12,8 +12,8 @@ images, 751 identities, 6 cameras), ViT-B/16 with random weights, bf16. Prints
     python bench/train_bench.py --compile             # with torch.compile
     python bench/train_bench.py --tiny                # seconds on a CPU: the CI smoke test
 
-The stage loops are the engine's own (reidlib.engine.stage1/stage2), timed over a few steps after
-warm-up steps; the projection multiplies the per-item rates by the schedule's item counts.
+The steps are the methods' own (reidlib.methods.clipreid: the prompt and image-encoder stages),
+timed over a few steps after warm-up steps; the projection multiplies the per-item rates by the schedule's item counts.
 """
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reidlib  # noqa: E402
-from reidlib.data import (  # noqa: E402
-    TrainBatches,
-    load_dataset,  # noqa: E402
-    make_image_cache,
+from reidlib.data import load_dataset, make_image_cache  # noqa: E402
+from reidlib.demo.synth import generate_market  # noqa: E402
+from reidlib.methods import StageContext, image_step  # noqa: E402
+from reidlib.methods.clipreid import (  # noqa: E402
+    ImageEncoderStage,
+    cache_image_features,
+    make_stage1_optimizer,
+    stage1_step,
+    wrap_for_stage1,
 )
-from reidlib.data.synth import generate_market  # noqa: E402
-from reidlib.engine.stage1 import cache_image_features, make_stage1_optimizer, stage1_step, wrap_for_stage1  # noqa: E402
-from reidlib.engine.stage2 import make_loss, make_stage2_optimizer, stage2_step, wrap_for_stage2  # noqa: E402
 from reidlib.model import build_model, set_trainable  # noqa: E402
 from reidlib.runtime import setup_runtime  # noqa: E402
 
@@ -90,12 +92,10 @@ def bench_stage1(model, cfg, runtime, dataset, cache, args) -> dict:
 
 
 def bench_stage2(model, cfg, runtime, dataset, cache, args) -> float:
-    params = set_trainable(model, "stage2")
-    optimizer = make_stage2_optimizer(params, cfg, model.uses_lora)
-    loss_fn = make_loss(cfg)
-    text_feats = model.all_text_features().float()
-    batches = TrainBatches(dataset, cfg, runtime, cache)
-    module = wrap_for_stage2(model, runtime, cfg.compile)
+    stage, ctx = ImageEncoderStage(2, "image encoder"), StageContext(model, dataset, cfg, runtime, cache)
+    optimizer = stage.optimizer(stage.trainable(model), ctx)
+    stage.prepare(ctx, optimizer)      # text features, P x K batches, DDP/compile wrapping
+    batches = stage.batches
     model.train()
     stream = iter(())
     epoch = 0
@@ -107,7 +107,7 @@ def bench_stage2(model, cfg, runtime, dataset, cache, args) -> float:
             stream, epoch = batches.epoch(epoch), epoch + 1
             batch = next(stream)
         images, pids, _, _ = batch
-        stage2_step(module, optimizer, loss_fn, text_feats, images, pids, None, None, runtime)
+        image_step(stage.module, optimizer, stage.loss, images, pids, None, None, runtime)
 
     seconds = timed(step, runtime.device, args.warmup, args.steps)
     return cfg.stage2.ims_per_batch / seconds

@@ -11,19 +11,23 @@ Five lines::
     metrics = reidlib.train(cfg)                  # stage 1 + stage 2 + final evaluation
     print(metrics["rank1"], metrics["mAP"])
 """
-from .config import Config, help_text, load_config, method_config
+from .config import Config, help_text, load_config
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "load_config", "method_config", "help_text", "build_model", "load_dataset",
            "dataset_from_config",
            "train", "test", "evaluate", "rerank", "extract_features", "load_trained_model", "FeatureExtractor",
-           "export_model", "build_miniature"]
+           "export_model", "build_miniature", "register_method", "get_method", "Method", "Stage",
+           "ImageBatchStage"]
 
 
 def __getattr__(name):
     # Heavy modules (torch, open_clip) load on first use, so `import reidlib` and the CLI's
     # --help stay fast.
+    if name in ("method_config", "register_method", "get_method", "Method", "Stage", "ImageBatchStage"):
+        from . import methods
+        return getattr(methods, name)
     if name == "build_model":
         from .model import build_model
         return build_model
@@ -34,7 +38,7 @@ def __getattr__(name):
         from .engine import trainer
         return getattr(trainer, name)
     if name == "build_miniature":
-        from .engine.pretrain import build_miniature
+        from .demo.pretrain import build_miniature
         return build_miniature
     if name == "load_trained_model":
         from .model.io import load_trained_model

@@ -1,6 +1,6 @@
 """Command line: ``python -m reidlib COMMAND ...`` (also installed as ``reidlib``).
 
-    train   CONFIG [key=value ...]                          both stages, then the final evaluation
+    train   CONFIG [key=value ...]                          the method's stages, then the final evaluation
     test    CONFIG weights=PATH [key=value ...]             evaluate a trained model
     extract CONFIG weights=PATH images=DIR out=feats.npz    features of a folder of images
     search  CONFIG weights=PATH query=IMG gallery=DIR|feats.npz [top=10] [grid=PNG]
@@ -10,6 +10,7 @@
     sweep   --datasets ... --methods ... --seeds ...        papermill runs of notebooks/train_eval.ipynb
     demo                                                    generated data -> baseline vs proposed -> table
     pretrain [--steps N ...]                                the miniature CLIP for the demo (cached by recipe)
+    methods [NAME] [--plugins FILE.py ...]                  the registered methods, one line each (NAME: its settings)
 
 CONFIG is a YAML path or a shipped config name (vit_clipreid, vit_proposed, rn50_clipreid, tiny).
 weights= takes a reidlib checkpoint or a state dict of the CLIP-ReID reference code; convert, export
@@ -25,7 +26,8 @@ import sys
 
 from .config import help_text, load_config
 
-COMMANDS = ("train", "test", "extract", "search", "sweep", "demo", "convert", "export", "info", "pretrain")
+COMMANDS = ("train", "test", "extract", "search", "sweep", "demo", "convert", "export", "info", "pretrain",
+            "methods")
 # Command arguments that are not config keys, and the config keys some of them stand for.
 ALIASES = {"weights": "test.weights"}
 COMMAND_ARGS = {"extract": ("images", "out"), "search": ("query", "gallery", "top", "grid"),
@@ -96,17 +98,19 @@ def _main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"reidlib: unknown command '{command}'; one of {', '.join(COMMANDS)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if command == "sweep":
-        from .sweep import main as sweep_main
+        from .experiments.sweep import main as sweep_main
         return sweep_main(rest)
     if command == "demo":
-        from .demo import main as demo_main
+        from .demo.run import main as demo_main
         return demo_main(rest)
     if command == "pretrain":
         # Set before torch loads: waiting OpenMP threads then sleep instead of spinning. On a
         # busy 2-core machine a 2-thread step took 18.7 s spinning, 1.0 s sleeping (1 thread: 1.1 s).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from .engine.pretrain import main as pretrain_main
+        from .demo.pretrain import main as pretrain_main
         return pretrain_main(rest)
+    if command == "methods":
+        return _methods_command(rest)
     if "-h" in rest or "--help" in rest:
         print(_usage())
         return 0
@@ -135,6 +139,35 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _methods_command(rest: list[str]) -> int:
+    """``methods``: one line per registered method (its variants in brackets); ``methods NAME``:
+    its summary, shipped config, stages and own options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m reidlib methods")
+    parser.add_argument("name", nargs="?", help="a method or variant to describe")
+    parser.add_argument("--plugins", nargs="+", default=[], help="files or modules that register methods")
+    args = parser.parse_args(rest)
+    from .methods import find_variant, get_method, load_plugins, method_names
+    load_plugins(args.plugins)
+    if args.name is None:
+        for name in method_names():
+            method = get_method(name)
+            variants = [v for v in method.variants if v != name]
+            also = f" [{', '.join(variants)}]" if variants else ""
+            print(f"{name:<12}{method.summary}{also}")
+        return 0
+    method, config, overrides = find_variant(args.name)
+    print(f"{method.name}: {method.summary}")
+    print(f"  config: {config or 'the defaults'}" + (f" + {' '.join(overrides)}" if overrides else ""))
+    cfg = load_config(config, [f"method={method.name}", *overrides])
+    for stage in method.stages(cfg):
+        print(f"  stage {stage.number}: {stage.name}, {stage.epochs(cfg)} epochs")
+    for line in method.describe_options():
+        print(f"  {line}")
+    return 0
+
+
 def _weights_command(command: str, rest: list[str]) -> int:
     """convert, export, info: one weights file, its own config unless config= names another."""
     positional = [arg for arg in rest if "=" not in arg]
@@ -143,13 +176,14 @@ def _weights_command(command: str, rest: list[str]) -> int:
     overrides = [o for o in overrides if not o.startswith("test.weights=")]
     if command == "convert":
         if len(positional) != 2 or given:
-            raise SystemExit("reidlib convert: give IN OUT (the weights to read, the reidlib checkpoint to write)")
+            raise SystemExit("reidlib convert: give IN OUT (the weights to read; the reidlib model folder "
+                             "to write, or a .pt file)")
         weights = positional[0]
     elif positional or not given:
         raise SystemExit(f"reidlib {command}: give weights=PATH" + (f", not '{positional[0]}'" if positional else ""))
     else:
         weights = given[0]
-    from .model.io import weights_config
+    from .weights import weights_config
     cfg = load_config(extra["config"], overrides) if "config" in extra else weights_config(weights, overrides)
     if command == "convert":
         from .model.io import convert_weights
@@ -172,7 +206,7 @@ def _print_card(weights: str, cfg) -> None:
 
     import yaml
 
-    from .model.io import describe_weights
+    from .weights import describe_weights
     card = describe_weights(weights, cfg)
     if isinstance(card.get("metrics"), dict):   # the CMC curve is 50 numbers: rank-1/5/10 are listed anyway
         card["metrics"] = {k: v for k, v in card["metrics"].items() if k != "cmc"}

@@ -143,6 +143,9 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     test: TestConfig = field(default_factory=TestConfig)
+    method: str = opt("clipreid", "the training method, a registered name: clipreid | thesis | pcl-style plug-ins (python -m reidlib methods lists them)")
+    plugins: list = opt([], "Python files (.py) or importable modules that register methods of your own (reidlib.register_method); imported before the method is looked up, here and in every process a sweep or torchrun starts")
+    options: dict = opt({}, "the method's own settings, set as options.NAME=value (python -m reidlib methods NAME lists them with their defaults)")
     seed: int = opt(1234, "seed for python, numpy, torch and the samplers")
     output_dir: str = opt("results/runs/default", "run folder: resolved config, checkpoints, metrics.jsonl, metrics.json")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -153,15 +156,8 @@ class Config:
     base: str = opt("", "YAML only: the config this file starts from (a file in reidlib/configs or a path)")
 
 
-# The methods of the thesis table, each a shipped config plus overrides.
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "baseline": ("vit_clipreid", []),
-    "proposed": ("vit_proposed", []),
-    "deep_only": ("vit_proposed", ["model.lora.enabled=false"]),
-    "lora_only": ("vit_clipreid", ["model.lora.enabled=true"]),
-}
-
-
+# Keys a method's YAML does not carry over when a base config (tiny, say) replaces it: the
+# architecture, the weights and the LoRA learning rate stay the base's (reidlib.methods.method_config).
 BASE_OWNED_KEYS = ("model.name", "model.pretrained", "model.lora.lr")
 
 # Data sets whose reference settings differ from the person ones (input size, class word, schedule):
@@ -184,34 +180,26 @@ def dataset_keys(dataset: str) -> list[str]:
 
 
 def method_of(cfg: Config) -> str:
-    """The method a config trains (baseline | proposed | deep_only | lora_only), read off its
-    model settings: deep prompts or not, LoRA or not."""
+    """The name of a built-in method's variant (baseline | proposed | deep_only | lora_only), read off
+    the model settings as reidlib 0.2 named runs; kept for files written before methods were plug-ins
+    (their configs hold no ``method``). New code asks the method: ``reidlib.methods.run_label``."""
     deep = cfg.model.prompt == "deep"
     lora = cfg.model.lora.enabled
     return {(False, False): "baseline", (True, True): "proposed",
             (True, False): "deep_only", (False, True): "lora_only"}[(deep, lora)]
 
 
-def run_dir(results_root: str | Path, dataset: str, method: str, seed: int) -> Path:
-    """The folder of one run of a sweep: ``results_root/<dataset>/<method>/seed<k>``."""
-    return Path(results_root) / dataset / method / f"seed{seed}"
+def legacy_method(tree: dict) -> str:
+    """The method of a config saved before the ``method`` key existed: the thesis when it used deep
+    prompts or LoRA, else CLIP-ReID.
 
-
-def method_config(method: str, overrides: list[str] | None = None, base: str | None = None) -> Config:
-    """The config of a named method (``baseline | proposed | deep_only | lora_only``).
-
-    ``base`` replaces the method's YAML (e.g. ``tiny`` for tests and the demo) while keeping the
-    method's model settings, which are applied on top of it; the architecture, weights and LoRA
-    learning rate stay the base's.
+    >>> legacy_method({"model": {"prompt": "deep", "lora": {"enabled": False}}})
+    'thesis'
     """
-    if method not in METHODS:
-        raise _unknown_key_error(method, list(METHODS), "the method name")
-    name, extra = METHODS[method]
-    if base is None:
-        return load_config(name, extra + list(overrides or []))
-    method_keys = [f"{k}={v}" for k, (v, _) in _read_yaml_chain(resolve_config_path(name)).items()
-                   if k.startswith("model.") and k not in BASE_OWNED_KEYS]
-    return load_config(base, method_keys + extra + list(overrides or []))
+    model = tree.get("model", {})
+    deep = model.get("prompt") == "deep"
+    lora = bool(model.get("lora", {}).get("enabled", False))
+    return "thesis" if deep or lora else "clipreid"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -361,7 +349,18 @@ def _coerce(value: Any, typ, key: str) -> Any:
     return value
 
 
+def coerce(value: Any, typ, key: str) -> Any:
+    """``value`` (a YAML value or a command-line string) as type ``typ``, or a one-line error naming
+    ``key``: the conversion every config key gets, for the methods' own option dataclasses."""
+    return _coerce(value, typ, key)
+
+
 def _set(cfg, dotted: str, value: Any, where: str) -> None:
+    if dotted.startswith("options.") and len(dotted) > len("options."):
+        # a method's own key: typed and checked by the method (reidlib.methods), which config cannot see
+        name = dotted[len("options."):]
+        cfg.options = {**cfg.options, name: _parse_text(value.strip(), str, dotted) if isinstance(value, str) else value}
+        return
     keys = all_keys()
     if dotted not in keys:
         raise _unknown_key_error(dotted, list(keys), where)
@@ -399,6 +398,15 @@ def _read_yaml_chain(path: Path, seen: tuple = ()) -> dict[str, Any]:
     return merged
 
 
+def read_config_keys(name: str | Path) -> dict[str, Any]:
+    """Dotted key -> value of a YAML file with its ``base`` chain, before defaults and checks.
+
+    >>> read_config_keys("vit_proposed")["model.prompt"]
+    'deep'
+    """
+    return {k: v for k, (v, _) in _read_yaml_chain(resolve_config_path(name)).items()}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Build a :class:`Config` from defaults, an optional YAML file and ``key=value`` overrides.
 
@@ -424,6 +432,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from :func:`to_dict` output (e.g. the one stored in a checkpoint)."""
     cfg = Config()
+    if "method" not in tree:      # saved by reidlib 0.2, before methods were plug-ins
+        tree = {**tree, "method": legacy_method(tree)}
     for key, value in flatten(tree).items():
         _set(cfg, key, value, "a saved config")
     return cfg
@@ -434,7 +444,7 @@ def config_from_dict(tree: dict) -> Config:
 # Element type of each list key; _coerce converts and checks the elements one by one.
 LIST_ITEMS: dict[str, type] = {
     "model.image_size": int, "model.lora.targets": str, "data.pixel_mean": float,
-    "data.pixel_std": float, "stage2.steps": int,
+    "data.pixel_std": float, "stage2.steps": int, "plugins": str,
 }
 
 
@@ -533,3 +543,13 @@ def validate(cfg: Config) -> None:
     errors += [message for ok, message in checks if not ok]
     if errors:
         raise ValueError(errors[0])
+
+
+def __getattr__(name):
+    # moved when methods became plug-ins; the message names the new home
+    if name in ("method_config", "METHODS", "run_dir"):
+        new = {"method_config": "reidlib.methods.method_config (also reidlib.method_config)",
+               "METHODS": "reidlib.methods.variant_names() and find_variant()",
+               "run_dir": "reidlib.experiments.run_dir"}[name]
+        raise AttributeError(f"reidlib.config.{name} moved: use {new}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

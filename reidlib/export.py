@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .model import merge_lora
-from .model.io import load_trained_model, reidlib_version
+from .model.io import load_trained_model
+from .weights import reidlib_version
 
 log = logging.getLogger("reidlib")
 

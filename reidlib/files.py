@@ -19,12 +19,15 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import os
 import pickle
 import pickletools
 import re
+import secrets
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -161,6 +164,73 @@ def save_checkpoint(path, state: dict) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(folder):
+    """Fill a temp folder beside ``folder``; when the block ends without error it replaces
+    ``folder`` in one rename, so ``folder`` is never seen half-written (old or new, whole).
+
+    The files are fsync'ed before the rename. An existing ``folder`` is first renamed aside and
+    removed after the swap; a crash between those two renames leaves the old folder whole under
+    ``.<name>.XXXXXXXX.old`` and nothing at ``folder``. Leftovers of killed saves are removed by the
+    next save of the same folder.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "model"
+    >>> with atomic_folder(target) as tmp:
+    ...     _ = (tmp / "a.txt").write_text("new")
+    >>> (target / "a.txt").read_text(), target.is_dir()
+    ('new', True)
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; a model folder cannot replace it (pick another name)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_folders(folder, "tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        for item in tmp.iterdir():
+            _fsync_file(item)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder gets the usual mode
+        _swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
+    _remove_stale_folders(folder, "old")
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Rename ``new`` to ``folder``; an existing ``folder`` goes aside first (POSIX cannot rename a
+    folder over a non-empty one) and comes back if the second rename fails."""
+    if not folder.exists():
+        os.rename(new, folder)
+        return
+    aside = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.old")
+    os.rename(folder, aside)
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        os.rename(aside, folder)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_stale_folders(folder: Path, kind: str) -> None:
+    """Remove ``.<name>.XXXXXXXX.<kind>`` folders that a killed :func:`atomic_folder` left."""
+    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}\.{kind}$")
+    if folder.parent.is_dir():
+        for p in folder.parent.iterdir():
+            if pattern.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(path, 0o666 & ~_umask())
 
 
 class CheckpointError(RuntimeError):

@@ -77,12 +77,6 @@ def pick_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def local_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """One process, no output folder: inference outside a training run (extraction, search)."""
-    torch_device = pick_device(device)
-    return Runtime(device=torch_device, amp_dtype=pick_amp_dtype(precision, torch_device), output_dir=None)
-
-
 def setup_runtime(cfg) -> Runtime:
     """Device, precision, process group and output folder for a run."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,5 +1,18 @@
 """Run a trained model on your own images: extract features of a folder, search a gallery.
 
+Which gallery images are left out of a query's ranking is the evaluation protocol
+(:mod:`reidlib.eval.protocol`): when the query and every gallery image have a camera id, those of
+the query's identity from its camera; otherwise only the query's own file.
+
+Changed from the rule ``search`` had before (same identity and same camera, or the query's own
+file), in two edge cases where the old rule disagreed with the evaluation:
+
+* a gallery mixing images with and without a camera id: only the query's own file is left out now,
+  so same-identity images from the query's camera are shown (before, they were left out);
+* a query of unknown identity (pid -1, e.g. ``-1_c1s1_....jpg``) with cameras everywhere: gallery
+  images with pid -1 from the query's camera are left out now, as in the evaluation, where -1 is an
+  identity label like any other (before, only the query's own file was).
+
 Example::
 
     cfg = load_config("vit_proposed", ["test.weights=runs/x/model_final.pt"])
@@ -17,6 +30,7 @@ import torch
 from .data.datasets import list_image_folder, parse_identity_name
 from .eval.distance import compute_distance
 from .eval.extractor import FeatureExtractor
+from .eval.protocol import excluded, exclusion_labels, ranked_gallery
 
 log = logging.getLogger("reidlib")
 
@@ -66,6 +80,15 @@ def _gallery(extractor: FeatureExtractor, gallery: str | Path):
     return feats, paths, pids.numpy(), camids.numpy()
 
 
+def _excluded(q_item, paths, g_pids, g_cams) -> torch.Tensor:
+    """Which gallery images the protocol leaves out of the query's ranking (bool per image). Paths
+    are compared resolved: the query may be named relative to another folder than the gallery."""
+    query = [(str(Path(q_item[0]).resolve()), q_item[1], q_item[2])]
+    gallery = [(str(Path(p).resolve()), int(pid), int(cam)) for p, pid, cam in zip(paths, g_pids, g_cams)]
+    q_labels, g_labels, _ = exclusion_labels(query, gallery)
+    return excluded([q_item[1]], q_labels, [pid for _, pid, _ in gallery], g_labels)[0]
+
+
 def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
            grid: str | Path | None = "retrieval.png") -> list[tuple[str, float]]:
     """Rank the gallery (a folder or an ``extract`` .npz) for one query image; print the top
@@ -84,13 +107,7 @@ def search(cfg, query: str | Path, gallery: str | Path, top: int = 10,
         raise ValueError(f"cannot read the query image {query}")
     gf, paths, g_pids, g_cams = _gallery(extractor, gallery)
     dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm)[0]
-    dist = torch.as_tensor(dist)
-    # Same protocol as evaluation: a gallery image of the same person and camera is junk; without a
-    # camera id only the query's own file is.
-    same_file = np.array([Path(p).resolve() == query.resolve() for p in paths], dtype=bool)
-    same_camera = (np.asarray(g_pids) == q_item[1]) & (np.asarray(g_cams) == q_item[2]) & (q_item[1] >= 0)
-    junk = torch.from_numpy(same_file | (same_camera & (q_item[2] >= 0)))
-    order = [i for i in torch.argsort(dist, stable=True).tolist() if not junk[i]][:top]
+    order = ranked_gallery(dist, _excluded(q_item, paths, g_pids, g_cams), top)
     ranked = [(str(paths[i]), float(dist[i])) for i in order]
     for rank, (path, d) in enumerate(ranked, 1):
         print(f"{rank:3d}  {d:.4f}  {path}")

@@ -19,8 +19,25 @@ def one_thread():
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small generated Market-1501-format folder (24 ids: 12 train, 12 test, 3 cameras)."""
-    from reidlib.data.synth import generate_market
+    from reidlib.demo.synth import generate_market
     return generate_market(tmp_path_factory.mktemp("synth") / "market", ids=24, cams=3, seed=5)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """The demo's generated data set (60 ids: 30 train, 30 test, 4 cameras, seed 0), made once."""
+    from reidlib.demo.synth import generate_market
+    return generate_market(tmp_path_factory.mktemp("demo_data") / "synth", ids=60, cams=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_generated(tmp_path_factory):
+    """A very small generated set with distractors and junk (8 ids, 3 cameras, seed 3), made once."""
+    from reidlib.demo.synth import generate_market
+    return generate_market(tmp_path_factory.mktemp("small"), seed=3, **SMALL_SET)
+
+
+SMALL_SET = dict(ids=8, cams=3, images_per_id=6, distractors=3, junk=2)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +61,7 @@ def miniature(tmp_path_factory):
     import subprocess
     import sys
 
-    from reidlib.engine.pretrain import PretrainRecipe, miniature_path
+    from reidlib.demo.pretrain import PretrainRecipe, miniature_path
     recipe, cache = PretrainRecipe(steps=300, warmup_steps=30), tmp_path_factory.mktemp("miniature")
     command = [sys.executable, "-m", "reidlib", "pretrain", "--cache", str(cache), "--steps", str(recipe.steps),
                "--warmup-steps", str(recipe.warmup_steps)]

@@ -24,15 +24,16 @@ import torch
 
 import reidlib
 from reidlib.__main__ import main as cli
-from reidlib.config import CONFIG_DIR, load_config, method_config
+from reidlib.config import CONFIG_DIR, load_config
 from reidlib.data import RandomIdentitySampler, ReIDDataset, load_dataset
 from reidlib.data.sampler import identity_batches
-from reidlib.engine.nonfinite import NonFiniteError, non_finite_entries
 from reidlib.eval import evaluate
 from reidlib.eval.extract import extract_features
 from reidlib.eval.metrics import DROPPED_REASON
 from reidlib.files import CheckpointError, NotAReidlibCheckpoint, load_checkpoint, save_checkpoint
+from reidlib.methods import method_config
 from reidlib.model.io import load_trained_model
+from reidlib.optim.nonfinite import NonFiniteError, non_finite_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,17 +183,17 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(synth_root, tmp_
 
 
 def test_non_finite_weights_never_replace_a_good_checkpoint(synth_root, tmp_path, monkeypatch):
-    from reidlib.engine import trainer
-    original = trainer.train_stage2_epoch
+    from reidlib.methods.clipreid import ImageEncoderStage
+    original = ImageEncoderStage.train_epoch
 
-    def poisons_epoch_2(*args, **kwargs):
-        record = original(*args, **kwargs)
-        if args[6] == 1:  # the second epoch ends with NaN weights but a finite loss
+    def poisons_epoch_2(self, ctx, optimizer, epoch):
+        record = original(self, ctx, optimizer, epoch)
+        if epoch == 1:  # the second epoch ends with NaN weights but a finite loss
             with torch.no_grad():
-                next(args[0].parameters()).fill_(math.nan)
+                next(ctx.model.parameters()).fill_(math.nan)
         return record
 
-    monkeypatch.setattr(trainer, "train_stage2_epoch", poisons_epoch_2)
+    monkeypatch.setattr(ImageEncoderStage, "train_epoch", poisons_epoch_2)
     cfg = tiny(synth_root, tmp_path, "stage2.epochs=2", "stage2.checkpoint_period=1")
     with pytest.raises(NonFiniteError, match="stage 2 epoch 2: 1 weight tensor.*not saved"):
         reidlib.train(cfg)

@@ -7,7 +7,7 @@ import pytest
 
 from reidlib.data import captions as cap
 from reidlib.data import load_dataset
-from reidlib.data.synth import (
+from reidlib.demo.synth import (
     CAPTIONS_CSV,
     CLOTHES,
     HAIR,
@@ -26,8 +26,8 @@ SMALL = dict(ids=8, cams=3, images_per_id=6, distractors=3, junk=2)
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return generate_market(tmp_path_factory.mktemp("captioned"), seed=3, **SMALL)
+def small(small_generated):
+    return small_generated
 
 
 def test_one_caption_per_person_image_beside_the_images(small, tmp_path):

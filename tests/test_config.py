@@ -8,9 +8,9 @@ from reidlib.config import (
     config_from_dict,
     help_text,
     load_config,
-    method_config,
     to_dict,
 )
+from reidlib.methods import method_config
 
 
 def test_defaults_are_the_reference_values():
@@ -91,7 +91,7 @@ def test_every_key_is_documented():
                                                       ("veri", "proposed", "vit_proposed_veri"),
                                                       ("vehicleid", "baseline", "vit_clipreid_vehicleid")])
 def test_a_vehicle_sweep_run_uses_the_shipped_vehicle_config(dataset, method, shipped):
-    from reidlib.sweep import run_config
+    from reidlib.experiments.sweep import run_config
     swept = to_dict(run_config(dataset, method, 1234, device="auto"))
     differ = config_diff(swept, to_dict(load_config(shipped)))
     assert differ == [f"output_dir: 'results/{dataset}/{method}/seed1234' (checkpoint) != "

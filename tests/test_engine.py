@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import reidlib
-from reidlib.config import method_config
 from reidlib.data import load_dataset
-from reidlib.data.synth import generate_market
-from reidlib.engine import stage2 as stage2_module
-from reidlib.engine.schedule import warmup_multistep
 from reidlib.eval.extract import evaluate_model
 from reidlib.files import load_checkpoint
+from reidlib.methods import method_config
+from reidlib.methods.clipreid import ImageEncoderStage
 from reidlib.model import build_model
+from reidlib.optim.schedule import warmup_multistep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +38,6 @@ def tiny_cfg(root, out, *extra, method="baseline"):
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """The demo's generated data set (60 ids: 30 train, 30 test, 4 cameras)."""
-    return generate_market(tmp_path_factory.mktemp("demo_data") / "market", ids=60, cams=4, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +108,17 @@ def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, monkeypatch)
     common = ["stage1.checkpoint_period=1", "stage2.checkpoint_period=1"]
     straight = reidlib.train(tiny_cfg(synth_root, tmp_path / "straight", *common, method="proposed"))
 
-    original = stage2_module.train_stage2_epoch
-    def dies_in_epoch_2(*args, **kwargs):
-        epoch = args[6]
+    original = ImageEncoderStage.train_epoch
+    def dies_in_epoch_2(self, ctx, optimizer, epoch):
         if epoch == 1:
             raise Killed()
-        return original(*args, **kwargs)
-    monkeypatch.setattr("reidlib.engine.trainer.train_stage2_epoch", dies_in_epoch_2)
+        return original(self, ctx, optimizer, epoch)
+    monkeypatch.setattr(ImageEncoderStage, "train_epoch", dies_in_epoch_2)
     interrupted = tiny_cfg(synth_root, tmp_path / "resumed", *common, method="proposed")
     with pytest.raises(Killed):
         reidlib.train(interrupted)
     assert [p.name for p in (tmp_path / "resumed").glob("checkpoint_*.pt")] == ["checkpoint_stage2_e001.pt"]
-    monkeypatch.setattr("reidlib.engine.trainer.train_stage2_epoch", original)
+    monkeypatch.setattr(ImageEncoderStage, "train_epoch", original)
     resumed = reidlib.train(interrupted)
 
     assert resumed == straight

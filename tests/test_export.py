@@ -16,7 +16,7 @@ from reidlib.data import list_image_folder
 from reidlib.export import export_model
 from reidlib.files import save_checkpoint
 from reidlib.model import build_model
-from reidlib.model.io import model_record
+from reidlib.weights import model_record
 
 ort = pytest.importorskip("onnxruntime", reason="install the export extra: pip install 'reidlib[export]'")
 ROOT = Path(__file__).resolve().parents[1]

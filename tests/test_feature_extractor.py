@@ -16,7 +16,7 @@ from reidlib.data import UnreadableImageError, build_transforms, list_image_fold
 from reidlib.eval.extract import extract_features
 from reidlib.files import CheckpointError, save_checkpoint
 from reidlib.model import build_model
-from reidlib.model.io import model_record
+from reidlib.weights import model_record
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ import reidlib
 from reidlib.config import load_config
 from reidlib.files import load_checkpoint, save_checkpoint
 from reidlib.model import build_model
-from reidlib.model.io import model_record
+from reidlib.weights import model_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGES = torch.randn(3, 3, 128, 64, generator=torch.Generator().manual_seed(2))

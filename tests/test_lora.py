@@ -9,6 +9,7 @@ from reidlib.model import ReIDModel, apply_lora, backbone, build_model, merge_lo
 from reidlib.model.attention import SplitAttention
 from reidlib.model.lora import lora_blocks
 from reidlib.model.trainable import trainable_parameters
+from reidlib.weights import clip as clip_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +105,7 @@ def test_lora_fails_when_a_target_is_missing(monkeypatch):
 
 def test_lora_count_vit_b16_formula():
     """12 blocks x 4 projections x r x (768 + 768) at r 16 = 1,179,648 (meta device: no weights)."""
-    clip = backbone._build(open_clip.get_model_config("ViT-B-16"), quick_gelu=True, device="meta")
+    clip = clip_weights._build(open_clip.get_model_config("ViT-B-16"), quick_gelu=True, device="meta")
     cfg = load_config("vit_proposed").model
     model = apply_lora(ReIDModel(clip, cfg, num_classes=751), cfg.lora)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)

@@ -14,8 +14,10 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from reidlib.config import load_config
-from reidlib.model import ReIDModel, backbone, load_clip, resize_grid_embedding
+from reidlib.model import ReIDModel, resize_grid_embedding
 from reidlib.model.backbone import ReIDResNet, ReIDViT
+from reidlib.weights import clip as clip_weights
+from reidlib.weights.clip import load_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +132,7 @@ def test_full_size_towers_shapes_on_meta():
     """ViT-B/16 and RN50 at 256x128 (meta device: shapes without the cost of weights)."""
     cases = [("ViT-B-16", 16, (16, 8), 1280), ("ViT-B-16", 12, (21, 10), 1280), ("RN50", 16, (16, 8), 3072)]
     for name, stride, grid, dim in cases:
-        clip = backbone._build(open_clip.get_model_config(name), quick_gelu=True, device="meta")
+        clip = clip_weights._build(open_clip.get_model_config(name), quick_gelu=True, device="meta")
         cfg = load_config(None, [f"model.name={name}", f"model.stride={stride}"]).model
         model = ReIDModel(clip, cfg, num_classes=751)
         assert model.visual.grid == grid and model.feature_dim == dim
@@ -218,7 +220,7 @@ def test_wrong_architecture_and_missing_file_messages(tmp_path):
 
 def test_openai_tag_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(backbone, "_cached_hub_file", lambda hf_hub: None)   # whatever this machine caches
+    monkeypatch.setattr(clip_weights, "_cached_hub_file", lambda hf_hub: None)   # whatever this machine caches
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"not cached .* model.pretrained=/path/to/ViT-B-16.pt"):
         load_clip("ViT-B-16", "openai")

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 from importlib import metadata
 
 from reidlib.files import load_checkpoint
-from reidlib.model.io import describe_weights
+from reidlib.weights import describe_weights
 
 
 def test_model_final_carries_its_card(tiny_trained, capsys):

@@ -18,7 +18,9 @@ import yaml
 from scipy import stats
 
 from reidlib import demo
-from reidlib.sweep import run_dir, run_sweep
+from reidlib.experiments.sweep import run_dir, run_sweep
+
+pytestmark = pytest.mark.slow  # pretraining, notebooks, whole runs: `make test-fast` leaves them out
 
 METHODS, SEEDS = ["baseline", "proposed"], [0, 1]
 GROUPS = {"pretrained": "synth, pretrained miniature", "random": "synth, random init"}  # folder: table label

@@ -13,16 +13,19 @@ import torch
 
 import reidlib
 from reidlib.__main__ import main as cli
-from reidlib.config import load_config, method_config
+from reidlib.config import load_config
 from reidlib.data import load_dataset
 from reidlib.data.cache import decode_images
-from reidlib.data.synth import generate_market, generate_web, read_captions
-from reidlib.engine.pretrain import PretrainRecipe, build_miniature, miniature_path, pretrain_clip
+from reidlib.demo.pretrain import PretrainRecipe, build_miniature, miniature_path, pretrain_clip
+from reidlib.demo.synth import generate_web, read_captions
+from reidlib.demo.zeroshot import PIXEL_MEAN, PIXEL_STD, caption_retrieval
 from reidlib.eval.extract import evaluate_model
-from reidlib.eval.zeroshot import PIXEL_MEAN, PIXEL_STD, caption_retrieval
 from reidlib.files import load_checkpoint, save_checkpoint
+from reidlib.methods import method_config
 from reidlib.model import build_model, load_clip
-from reidlib.model.io import uses_quick_gelu
+from reidlib.weights import uses_quick_gelu
+
+pytestmark = pytest.mark.slow  # pretraining, notebooks, whole runs: `make test-fast` leaves them out
 
 # A few steps on a few people: for the mechanics (cache, determinism, command line), not for quality.
 TINY = PretrainRecipe(identities=40, steps=3, batch_size=16, warmup_steps=1)
@@ -34,9 +37,9 @@ def tiny_build(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_split(tmp_path_factory):
-    """The demo's generated data set (60 ids, 4 cameras, seed 0), read as ``synth``."""
-    return load_dataset("synth", generate_market(tmp_path_factory.mktemp("demo") / "synth", ids=60, cams=4, seed=0))
+def demo_split(demo_root):
+    """The demo's generated data set (the session's ``demo_root``), read as ``synth``."""
+    return load_dataset("synth", demo_root)
 
 
 def _tiny_config(pretrained, *extra):

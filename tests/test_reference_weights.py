@@ -3,7 +3,7 @@
 The writer here maps a reidlib model to the reference's key names and tensor layout on its own
 (from the reference's modules: fused ``attn.in_proj_weight``, ``cv_embed``, ``prompt_learner.*``,
 the thesis's ``attn.{q,k,v}_proj``/``attn.proj`` with ``w_lora_A``/``w_lora_B``), independently of
-reidlib.model.reference, so a converter bug cannot cancel itself out.
+reidlib.weights.reference, so a converter bug cannot cancel itself out.
 """
 import logging
 
@@ -14,8 +14,9 @@ import torch
 from reidlib.config import load_config
 from reidlib.files import save_checkpoint
 from reidlib.model import build_model, merge_lora
-from reidlib.model.io import describe_weights, load_trained_model
-from reidlib.model.reference import convert_reference
+from reidlib.model.io import load_trained_model
+from reidlib.weights import describe_weights
+from reidlib.weights.reference import convert_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

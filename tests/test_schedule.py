@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from reidlib.engine.schedule import set_epoch_lr, stage1_scheduler, stage2_schedule, warmup_multistep
+from reidlib.optim.schedule import set_epoch_lr, stage1_scheduler, stage2_schedule, warmup_multistep
 
 BASE1, WARM_LR, MIN_LR, EPOCHS = 3.5e-4, 1e-5, 1e-6, 120
 

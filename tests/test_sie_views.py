@@ -9,7 +9,7 @@ from reidlib.config import load_config
 from reidlib.data import list_image_folder
 from reidlib.files import save_checkpoint
 from reidlib.model import build_model
-from reidlib.model.io import describe_weights, model_record
+from reidlib.weights import describe_weights, model_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

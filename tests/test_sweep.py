@@ -17,11 +17,17 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
-from reidlib.claims import claim_run, release_claim
 from reidlib.config import load_config, to_dict
-from reidlib.launch import gpu_slots, make_executor, torchrun_command, worker_environment, write_launch_config
-from reidlib.status import run_state, run_states
-from reidlib.sweep import main, parse_data_roots, run_config, run_dir, run_sweep
+from reidlib.experiments.claims import claim_run, release_claim
+from reidlib.experiments.launch import (
+    gpu_slots,
+    make_executor,
+    torchrun_command,
+    worker_environment,
+    write_launch_config,
+)
+from reidlib.experiments.status import run_state, run_states
+from reidlib.experiments.sweep import main, parse_data_roots, run_config, run_dir, run_sweep
 
 PARAMETERS = """dataset = "market1501"
 data_root = None
@@ -41,7 +47,7 @@ nproc_per_run = 1
 # long an execution takes (so that concurrent sweeps overlap).
 BODY = """import json, os, pathlib, time, yaml
 from reidlib.config import to_dict
-from reidlib.sweep import run_config
+from reidlib.experiments.sweep import run_config
 out = pathlib.Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
 cfg = run_config(dataset, method, seed, data_root, overrides, base_config, output_dir, device)
@@ -318,7 +324,7 @@ def test_slurm_executor_writes_the_job_script_asked_for(tmp_path, monkeypatch):
 def test_jobs_2_equals_jobs_1_and_the_cross_matrix(synth_root, tmp_path, monkeypatch):
     """train_eval.ipynb itself on two generated data sets, with --cross: the parallel sweep gives
     the sequential one's numbers, and the matrix is 2 x 2 with the in-domain runs on its diagonal."""
-    from reidlib.data.synth import generate_market
+    from reidlib.demo.synth import generate_market
     from reidlib.viz import collect_cross, collect_metrics, cross_matrix, cross_summary
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads in both sweeps: the same numbers
     duke = generate_market(tmp_path / "duke", ids=24, cams=3, seed=6)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from reidlib.data import load_dataset
-from reidlib.data.synth import SPLIT_FOLDERS, generate_market, main
+from reidlib.demo.synth import SPLIT_FOLDERS, generate_market, main
 
 SMALL = dict(ids=8, cams=3, images_per_id=6, distractors=3, junk=2)
 MARKET_FILE = re.compile(r"^(-1|\d{4})_c(\d)s([1-6])_(\d{6})_(\d{2})\.jpg$")
@@ -19,8 +19,8 @@ def digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
-    return generate_market(tmp_path_factory.mktemp("synth"), seed=3, **SMALL)
+def small(small_generated):
+    return small_generated
 
 
 def test_same_seed_same_bytes_other_seed_differs(small, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from reidlib.config import load_config
 from reidlib.data import ReIDDataset, dataset_from_config, load_dataset
-from reidlib.data.synth import generate_vehicleid, generate_veri, main, plan_veri_images, render_job
+from reidlib.demo.synth import generate_vehicleid, generate_veri, main, plan_veri_images, render_job
 
 VERI_ARGS = dict(ids=12, cams=3, seed=2, images_per_id=6)
 VEHICLEID_ARGS = dict(train_ids=12, test_ids=12, seed=1, cams=3, images_per_id=6)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import reidlib
-from reidlib.config import method_config
 from reidlib.data import load_dataset
-from reidlib.data.synth import generate_vehicleid, generate_veri
+from reidlib.demo.synth import generate_vehicleid, generate_veri
 from reidlib.eval.extract import MARKET_PROTOCOL, SAME_IMAGE_PROTOCOL
 from reidlib.files import load_checkpoint
+from reidlib.methods import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 SHORT = ["device=cpu", "stage1.epochs=1", "stage2.epochs=1", "stage2.ims_per_batch=16", "test.batch_size=32"]
 
 

@@ -1,6 +1,6 @@
 """Data: data sets (person: Market-1501, DukeMTMC-reID, MSMT17, IUST, Occluded-Duke, your own;
 vehicles: VeRi-776, VehicleID), image reading, P x K sampling, transforms, the device image cache,
-and a generated data set.
+(the generated data sets are in :mod:`reidlib.demo.synth`).
 
 Example::
 
@@ -33,13 +33,11 @@ __all__ = [
     "ImageDataset", "UnreadableImageError", "read_image", "TrainImageCache", "TrainBatches", "make_image_cache",
     "RandomIdentitySampler", "DistributedIdentitySampler",
     "RandomErasing", "build_transforms", "gpu_train_augment", "interpolation_mode", "test_tensor_transform",
-    "generate_market",
 ]
 
 
+
 def __getattr__(name):
-    # The generator is imported on first use, so that `python -m reidlib.data.synth` runs it fresh.
-    if name == "generate_market":
-        from .synth import generate_market
-        return generate_market
+    if name == "generate_market":   # moved with the rest of the demo's machinery
+        raise AttributeError("reidlib.data.generate_market moved: use reidlib.demo.synth.generate_market")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

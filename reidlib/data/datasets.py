@@ -465,7 +465,7 @@ def market1501(root: Path, train_only: bool = False) -> ReIDDataset:
 
 @register_dataset("synth")
 def synth(root: Path, train_only: bool = False) -> ReIDDataset:
-    """The generated data set (:mod:`reidlib.data.synth`): Market-1501's folders and names, read
+    """The generated data set (:mod:`reidlib.demo.synth`): Market-1501's folders and names, read
     under its own name, so that tables and run folders say what the data are.
 
     ``ROOT/`` or ``ROOT/synth/``, holding ``bounding_box_train``, ``query``, ``bounding_box_test``.

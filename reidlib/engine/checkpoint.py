@@ -6,7 +6,7 @@ stage, epoch and the resolved config. Nothing else is needed to resume: the lear
 epoch is a closed form of the epoch, and every epoch's shuffles and draws start from a seed derived
 from (seed, stage, epoch).
 
-Files are named ``checkpoint_stage{1,2}_e{epoch:03d}.pt`` (:func:`checkpoint_name`) in the run
+Files are named ``checkpoint_stage{N}_e{epoch:03d}.pt`` (N: the stage number; :func:`checkpoint_name`) in the run
 folder; ``resume: auto`` picks :func:`find_latest_checkpoint`.
 
 Example::
@@ -31,14 +31,14 @@ from ..config import config_diff
 # Config keys that may change between a run and its resume without changing what is trained:
 # where things live, how often to log/save/evaluate, and the test-time settings.
 RESUME_IGNORE = (
-    "resume", "output_dir", "device", "compile", "base", "stage1_weights",
+    "resume", "output_dir", "device", "compile", "base", "stage1_weights", "plugins",
     "data.root", "data.num_workers",
     "stage1.log_period", "stage1.checkpoint_period",
     "stage2.log_period", "stage2.checkpoint_period", "stage2.eval_period",
     "test",
 )
 
-_NAME_RE = re.compile(r"^checkpoint_stage([12])_e(\d+)\.pt$")
+_NAME_RE = re.compile(r"^checkpoint_stage(\d+)_e(\d+)\.pt$")
 
 
 # --------------------------------------------------------------------------- names

@@ -3,7 +3,8 @@ in seconds, naming the key and the fix, instead of after stage 1 or after all tr
 
 Checked here: stage 2's P x K sampler can fill a batch (enough training identities for
 P = ims_per_batch / num_instance, and P splits over the processes), SIE's camera and view ids
-exist, and at least one query can be scored (under the data set's protocol). The output folder is checked where
+exist, and at least one query can be scored (under the data set's protocol, as
+:mod:`reidlib.eval.protocol` states it). The output folder is checked where
 it is made (:func:`reidlib.runtime.setup_runtime`), the config values when the config is loaded.
 
 Example::
@@ -12,7 +13,7 @@ Example::
 """
 from __future__ import annotations
 
-from ..eval.extract import check_valid_queries
+from ..eval.protocol import check_valid_queries
 
 
 def check_sampler(cfg, num_train_ids: int, world_size: int = 1) -> None:

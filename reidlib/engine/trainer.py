@@ -1,4 +1,4 @@
-"""The two-stage run users start: ``reidlib.train(cfg)`` and ``reidlib.test(cfg)``.
+"""The run users start: ``reidlib.train(cfg)`` (any registered method) and ``reidlib.test(cfg)``.
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
 epoch and evaluation), resumable checkpoints, ``model_final.pt`` and ``metrics.json`` (the final
@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import Config, method_of, to_dict
-from ..data import TrainBatches, dataset_from_config, make_image_cache
+from ..config import Config, to_dict
+from ..data import dataset_from_config, make_image_cache
 from ..eval.extract import check_valid_queries, evaluate_model
 from ..files import load_checkpoint, remove_stale_temp_files, require_file, save_checkpoint, write_json
-from ..model import build_model, parameter_table, set_trainable
+from ..methods import StageContext, method_for, run_label
+from ..methods import build as build_method_model
 from ..model.io import load_trained_model, model_record
+from ..optim import check_finite_weights
 from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime
 from .checkpoint import (
     RESUME_IGNORE,
@@ -33,17 +35,8 @@ from .checkpoint import (
     find_latest_checkpoint,
     restore_rng_state,
 )
-from .nonfinite import check_finite_weights
+from .loop import run_stages
 from .preflight import check_before_training
-from .stage1 import (
-    cache_image_features,
-    make_stage1_optimizer,
-    make_stage1_scheduler,
-    stage1_images,
-    train_stage1_epoch,
-    wrap_for_stage1,
-)
-from .stage2 import make_loss, make_stage2_optimizer, train_stage2_epoch, wrap_for_stage2
 
 log = logging.getLogger("reidlib")
 
@@ -67,10 +60,6 @@ def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epo
             old.unlink()
 
 
-def _should_save(epoch: int, total: int, period: int) -> bool:
-    return epoch == total or (period > 0 and epoch % period == 0)
-
-
 def _resume_state(cfg: Config, runtime: Runtime) -> dict | None:
     if cfg.resume == "none":
         return None
@@ -83,79 +72,6 @@ def _resume_state(cfg: Config, runtime: Runtime) -> dict | None:
     runtime.log_metrics({"event": "resume", "checkpoint": str(path), "stage": state["stage"],
                          "epoch": state["epoch"]})
     return state
-
-
-def run_stage1(model, dataset, cfg: Config, runtime: Runtime, resume: dict | None,
-               image_cache=None) -> list[int]:
-    """Stage 1 from the start or a resumed epoch; returns the training images it found unreadable."""
-    params = set_trainable(model, "stage1")
-    optimizer = make_stage1_optimizer(params, cfg)
-    start = 0
-    if resume is not None and resume["stage"] == 1:
-        optimizer.load_state_dict(resume["optimizer"])
-        start = resume["epoch"]
-    if start >= cfg.stage1.epochs:
-        return []
-    scheduler = make_stage1_scheduler(optimizer, cfg)
-    # The GPU image cache is resized with the train interpolation; stage 1 wants the test one.
-    same_resize = cfg.data.interpolation == cfg.data.test_interpolation
-    images = stage1_images(dataset.train, cfg)
-    feats, labels = cache_image_features(model, images, cfg, runtime,
-                                         image_cache if same_resize else None)
-    step_module = wrap_for_stage1(model, runtime)
-    for epoch in range(start, cfg.stage1.epochs):
-        record = train_stage1_epoch(model, step_module, optimizer, scheduler, feats, labels, epoch, cfg,
-                                    runtime)
-        runtime.log_metrics(record)
-        if runtime.is_main:
-            log.info("stage 1 epoch %d/%d loss %.4f lr %.2e", epoch + 1, cfg.stage1.epochs,
-                     record["loss"], record["lr"])
-        if _should_save(epoch + 1, cfg.stage1.epochs, cfg.stage1.checkpoint_period):
-            _save_epoch(runtime, cfg, model, optimizer, 1, epoch + 1, dataset)
-    return images.unreadable_indices
-
-
-def run_stage2(model, dataset, cfg: Config, runtime: Runtime, resume: dict | None,
-               image_cache=None) -> list[int]:
-    """Stage 2 from the start or a resumed epoch; returns the training images it found unreadable."""
-    params = set_trainable(model, "stage2")
-    if runtime.is_main:
-        log.info("stage 2 parameters:\n%s", parameter_table(model))
-    optimizer = make_stage2_optimizer(params, cfg, model.uses_lora)
-    start = 0
-    if resume is not None and resume["stage"] == 2:
-        optimizer.load_state_dict(resume["optimizer"])
-        start = resume["epoch"]
-    if start >= cfg.stage2.epochs:
-        return []
-    text_feats = model.all_text_features().float()  # prompts are frozen from here on
-    batches = TrainBatches(dataset, cfg, runtime, image_cache)
-    train_module = wrap_for_stage2(model, runtime, cfg.compile)
-    loss_fn = make_loss(cfg)
-    for epoch in range(start, cfg.stage2.epochs):
-        record = train_stage2_epoch(model, train_module, optimizer, batches, loss_fn, text_feats,
-                                    epoch, cfg, runtime)
-        runtime.log_metrics(record)
-        if runtime.is_main:
-            log.info("stage 2 epoch %d/%d loss %.4f lr %.2e %.0f img/s", epoch + 1,
-                     cfg.stage2.epochs, record["loss"], record["lr"], record["img_per_s"])
-        done = epoch + 1
-        if cfg.stage2.eval_period > 0 and done % cfg.stage2.eval_period == 0 and done < cfg.stage2.epochs:
-            metrics = evaluate_model(model, dataset, cfg, runtime, progress=False)
-            runtime.log_metrics({"stage": 2, "epoch": done, "eval": metrics})
-        if _should_save(done, cfg.stage2.epochs, cfg.stage2.checkpoint_period):
-            _save_epoch(runtime, cfg, model, optimizer, 2, done, dataset)
-    return batches.unreadable_indices
-
-
-def _load_stage1_prompts(model, path: str) -> None:
-    state = load_checkpoint(path, map_location="cpu")
-    prompts = {k: v for k, v in state["model"].items() if k.startswith("prompts.")}
-    if not prompts:
-        raise ValueError(f"{path}: no prompt weights in this checkpoint; pass a stage-1 or final checkpoint")
-    missing = model.load_state_dict(prompts, strict=False)
-    if any(k.startswith("prompts.") for k in missing.missing_keys):
-        raise ValueError(f"{path}: prompt shapes do not match this config (number of identities or prompt settings)")
 
 
 def _count_over_ranks(indices: list[int], runtime: Runtime) -> int:
@@ -175,12 +91,14 @@ def _save_final(runtime: Runtime, record: dict) -> None:
 
 
 def train(cfg: Config, dataset=None) -> dict:
-    """Run stage 1 and stage 2 (resuming from the run folder when asked) and evaluate the final
-    model on query/gallery. Returns the metrics dict also written to ``metrics.json``.
+    """Train ``cfg.method``'s stages (resuming from the run folder when asked) and evaluate the
+    final model on query/gallery. Returns the metrics dict also written to ``metrics.json``.
 
     Before any training: the output folder must be writable, stage 2's P x K batches possible and
     at least one query scorable (:mod:`~reidlib.engine.preflight`). A non-finite loss stops the
     run; ``model_final.pt`` is written before the final evaluation and again with its metrics."""
+    method = method_for(cfg)
+    method.check(cfg)     # before anything is written: a setting the method cannot train with
     runtime = setup_runtime(cfg)
     if runtime.is_main:
         stale = remove_stale_temp_files(runtime.output_dir)
@@ -192,21 +110,21 @@ def train(cfg: Config, dataset=None) -> dict:
         log.info("data set %s\n%s", cfg.data.dataset, dataset.stats_table())
     check_before_training(cfg, dataset, runtime)
     seed_everything(cfg.seed)  # before the build: random-init weights depend on it
-    model = build_model(cfg.model, num_classes=dataset.num_train_pids, num_cameras=dataset.num_train_cams,
-                        num_views=dataset.num_views).to(runtime.device)
+    model = build_method_model(cfg, num_classes=dataset.num_train_pids, num_cameras=dataset.num_train_cams,
+                               num_views=dataset.num_views).to(runtime.device)
     resume = _resume_state(cfg, runtime)
     if resume is not None:
         model.load_state_dict(resume["model"])
         restore_rng_state(resume["rng"])
     image_cache = make_image_cache(dataset, cfg, runtime)
     unreadable = list(image_cache.unreadable_indices) if image_cache is not None else []
-    if cfg.stage1_weights and resume is None:
-        _load_stage1_prompts(model, cfg.stage1_weights)
-    elif resume is None or resume["stage"] == 1:
-        unreadable += run_stage1(model, dataset, cfg, runtime, resume, image_cache)
-    unreadable += run_stage2(model, dataset, cfg, runtime, resume if resume and resume["stage"] == 2 else None,
-                             image_cache)
-    del image_cache
+    ctx = StageContext(model, dataset, cfg, runtime, image_cache)
+
+    def save(optimizer, stage: int, epoch: int) -> None:
+        _save_epoch(runtime, cfg, model, optimizer, stage, epoch, dataset)
+
+    unreadable += run_stages(method.stages(cfg), ctx, resume, save)
+    del image_cache, ctx
     num_unreadable = _count_over_ranks(unreadable, runtime)
     check_finite_weights(model.state_dict(), "the final model")  # every rank, as at each epoch
     if runtime.is_main:
@@ -219,7 +137,7 @@ def train(cfg: Config, dataset=None) -> dict:
     metrics["num_unreadable_train_images"] = num_unreadable
     if runtime.is_main:
         _save_final(runtime, {**_final_record(model, cfg, dataset), "metrics": metrics})
-        summary = {"dataset": cfg.data.dataset, "method": method_of(cfg), "seed": cfg.seed,
+        summary = {"dataset": cfg.data.dataset, "method": run_label(cfg), "seed": cfg.seed,
                    **metrics}
         runtime.log_metrics({"stage": "final", "eval": metrics})
         write_json(runtime.output_dir / "metrics.json", summary)

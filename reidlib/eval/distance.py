@@ -1,7 +1,9 @@
 """Query-by-gallery distances, and the input checks that metrics and re-ranking share.
 
-Squared Euclidean or cosine distance, computed chunk by chunk so that Market-size (3,368 x 15,913)
-and MSMT17-size problems stay within a few hundred MiB.
+One distance kernel, :class:`GalleryDistance`, serves evaluation and k-reciprocal re-ranking:
+squared Euclidean or cosine distance, computed chunk by chunk so that Market-size (3,368 x 15,913)
+and MSMT17-size problems stay within a few hundred MiB. Where it runs: the device asked for, else
+the device of the input tensors (the CPU for arrays), never a device the inputs are not on.
 
 Example:
     >>> d = compute_distance(torch.randn(3, 8), torch.randn(5, 8))
@@ -106,39 +108,56 @@ def squared_norms(x: torch.Tensor, dim: int = 1, step: int = 8192) -> torch.Tens
 
 
 class GalleryDistance:
-    """Distances from batches of query features to a fixed gallery, one GEMM per batch.
+    """The distance kernel: distances from batches of query rows to a fixed gallery, one GEMM per
+    batch. Evaluation (:func:`compute_distance`, :func:`reidlib.eval.evaluate`) and re-ranking
+    (:func:`reidlib.eval.rerank`, with the gallery being all query and gallery rows) both use it.
 
     Squared Euclidean is ``|q|^2 + |g|^2 - 2 q.g``, clamped at 0 (rounding can make it slightly
     negative); cosine distance is ``1 - q.g`` on L2-normalised features. The norm and constant
     terms ride along as extra feature columns, ``[q, |q|^2, 1] . [-2g, 1, |g|^2]``, so the whole
     distance comes out of a single matrix product with no extra passes over the ``Q x G`` block.
+
+    It computes on the gallery's device (pass the gallery where the work should happen); query
+    batches are moved there.
     """
 
     def __init__(self, gf: torch.Tensor, metric: str, normalize: bool, names=("qf", "gf")):
         self.euclidean = metric == "euclidean"
         self.normalize = normalize or not self.euclidean  # cosine is defined on unit vectors
         self.names = names
-        dim = gf.shape[1]
+        self.dim = dim = gf.shape[1]
         # Stored transposed and contiguous: the GEMM runs ~25% faster than on a transposed view.
         self.gallery_t = torch.empty(dim + 1 + self.euclidean, len(gf), dtype=gf.dtype, device=gf.device)
         body = self.gallery_t[:dim]
         body.copy_(gf.t())
+        norms = None
         if self.normalize:
             norms = torch.linalg.vector_norm(gf, dim=1)
             check_finite(norms, names[1], gf)  # an overflowing norm would zero the row silently
-            body.div_(norms.clamp_(min=1e-12))  # as F.normalize
+            norms.clamp_(min=1e-12)  # as F.normalize
+            body.div_(norms)
+        # Summed down the stored columns, as evaluation always has (changing the order moves mAP by
+        # float-rounding tie swaps; the table's digits must not move).
         sq = squared_norms(body, dim=0)
         check_finite(sq, names[1], gf)
         body.mul_(-2 if self.euclidean else -1)
         self.gallery_t[dim] = 1
         if self.euclidean:
             self.gallery_t[dim + 1] = sq
+        # The gallery rows as given, for pair look-ups (``pairs``) without a strided gather; when
+        # normalised they are read back from ``gallery_t`` instead of keeping a second copy.
+        self._rows = None if self.normalize else gf
 
-    def _augment(self, qf: torch.Tensor) -> torch.Tensor:
+    def _prepared(self, qf: torch.Tensor) -> torch.Tensor:
+        """Query rows on the kernel's device and dtype, L2-normalised when the kernel normalises."""
         q = qf.to(self.gallery_t.device, self.gallery_t.dtype)
         if self.normalize:
             check_finite(torch.linalg.vector_norm(q, dim=1), self.names[0], q)
             q = F.normalize(q, dim=1)
+        return q
+
+    def _augment(self, qf: torch.Tensor) -> torch.Tensor:
+        q = self._prepared(qf)
         sq = squared_norms(q)
         check_finite(sq, self.names[0], q)
         ones = torch.ones(len(q), 1, dtype=q.dtype, device=q.device)
@@ -148,6 +167,31 @@ class GalleryDistance:
         """Distances of ``qf`` to the gallery, written into ``out`` when given (reused memory
         avoids page-faulting a fresh block for every chunk)."""
         dist = torch.mm(self._augment(qf), self.gallery_t, out=out)
+        return dist.clamp_(min=0) if self.euclidean else dist
+
+    def _gallery_rows(self, index: torch.Tensor) -> torch.Tensor:
+        if self._rows is not None:
+            return self._rows.index_select(0, index)
+        # -2g or -g: scaling back by a power of two gives the stored rows exactly.
+        scale = -0.5 if self.euclidean else -1.0
+        return self.gallery_t[: self.dim].index_select(1, index).t().mul(scale).contiguous()
+
+    def pairs(self, qf: torch.Tensor, q_index: torch.Tensor, g_index: torch.Tensor,
+              step: int = 4096) -> torch.Tensor:
+        """Distances of the pairs ``(qf[q_index[t]], gallery row g_index[t])``, a few thousand at a
+        time: a handful of entries without computing their whole rows (re-ranking's look-ups)."""
+        parts = []
+        for s in range(0, len(q_index), step):
+            q = self._prepared(qf.index_select(0, q_index[s : s + step]))
+            g_at = g_index[s : s + step].to(self.gallery_t.device)
+            dot = (q * self._gallery_rows(g_at)).sum(1)
+            if self.euclidean:
+                parts.append(squared_norms(q) + self.gallery_t[self.dim + 1].index_select(0, g_at) - 2 * dot)
+            else:
+                parts.append(1 - dot)
+        if not parts:
+            return self.gallery_t.new_zeros(0)
+        dist = torch.cat(parts)
         return dist.clamp_(min=0) if self.euclidean else dist
 
 
@@ -161,7 +205,7 @@ def compute_distance(
         metric: ``"euclidean"`` (squared Euclidean) or ``"cosine"`` (``1 - cos``).
         normalize: L2-normalise the features first (always done for cosine). On unit vectors the
             squared Euclidean distance is ``2 - 2 cos``, so both metrics rank identically.
-        device: where to compute; default the device of ``qf``.
+        device: where to compute; default the device of ``qf`` (the CPU for arrays).
 
     Returns:
         A ``(Q, G)`` float tensor.

@@ -1,7 +1,8 @@
 """Feature extraction for lists of (path, pid, camid) items, and the query/gallery evaluation of a
 model; both go through :class:`~reidlib.eval.extractor.FeatureExtractor`.
 
-Which gallery images a query may not be matched with (the protocol, printed beside the metrics):
+Which gallery images a query may not be matched with is the protocol of
+:mod:`reidlib.eval.protocol`, whose name is printed beside the metrics (``metrics["protocol"]``):
 
 * data with camera ids: the Market-1501 protocol, gallery images of the query's identity from the
   query's own camera are left out of its ranking (:data:`MARKET_PROTOCOL`);
@@ -22,14 +23,21 @@ import torch
 
 from ..runtime import Runtime
 from .extractor import FeatureExtractor
-from .metrics import DROPPED_REASON, evaluate, valid_queries
+from .metrics import evaluate
+from .protocol import (
+    MARKET_PROTOCOL,
+    SAME_IMAGE_PROTOCOL,
+    SAME_IMAGE_REASON,
+    check_valid_queries,
+    dropped_reason,
+    exclusion_labels,
+)
 
 log = logging.getLogger("reidlib")
 
-MARKET_PROTOCOL = "same-identity gallery images from the query's own camera are excluded (Market-1501 protocol)"
-SAME_IMAGE_PROTOCOL = ("no camera ids: only the query's own image is excluded, so same-camera matches count "
-                       "(scores run higher than under the Market-1501 protocol)")
-SAME_IMAGE_REASON = "no other gallery image of the same identity"
+# The protocol's names are re-exported: the trainer and older callers import them from here.
+__all__ = ["extract_features", "evaluate_model", "check_valid_queries", "exclusion_labels", "MARKET_PROTOCOL",
+           "SAME_IMAGE_PROTOCOL", "SAME_IMAGE_REASON"]
 
 
 def extract_features(model, items, cfg, runtime: Runtime | None = None, progress: bool = True,
@@ -47,49 +55,6 @@ def extract_features(model, items, cfg, runtime: Runtime | None = None, progress
     extractor = FeatureExtractor.from_model(model, cfg, runtime)
     feats, pids, camids, keep = extractor.extract_items(items, desc, progress, views=views)
     return (feats, pids, camids, keep) if return_kept else (feats, pids, camids)
-
-
-def exclusion_labels(query, gallery) -> tuple[list[int], list[int], str]:
-    """(query labels, gallery labels, protocol) to pass as camera ids to the metrics.
-
-    With camera ids on every item they are the camera ids (:data:`MARKET_PROTOCOL`). Otherwise each
-    image file gets a number of its own, shared by a query and a gallery entry of the same file, so
-    that the metrics' "same identity and same camera" rule leaves out exactly the query's own image
-    (:data:`SAME_IMAGE_PROTOCOL`).
-
-    >>> exclusion_labels([("a.jpg", 1, -1)], [("a.jpg", 1, -1), ("b.jpg", 1, -1)])[:2]
-    ([0], [0, 1])
-    """
-    items = list(query) + list(gallery)
-    if items and all(cam >= 0 for _, _, cam in items):
-        return [c for _, _, c in query], [c for _, _, c in gallery], MARKET_PROTOCOL
-    number: dict[str, int] = {}
-    labels = [number.setdefault(path, len(number)) for path, _, _ in items]
-    return labels[:len(query)], labels[len(query):], SAME_IMAGE_PROTOCOL
-
-
-def check_valid_queries(dataset) -> int:
-    """The number of queries the protocol can score, from the labels alone; raises ValueError
-    before any training or extraction when there is none (e.g. a single-camera data set).
-
-    Example::
-
-        check_valid_queries(load_dataset("market1501", "data"))     # 3368
-    """
-    q_cams, g_cams, protocol = exclusion_labels(dataset.query, dataset.gallery)
-    q_pids, g_pids = [p for _, p, _ in dataset.query], [p for _, p, _ in dataset.gallery]
-    valid = int(valid_queries(q_pids, q_cams, g_pids, g_cams).sum())
-    if valid == 0:
-        if protocol == MARKET_PROTOCOL:
-            why = (f"{DROPPED_REASON}; cameras seen: {sorted(set(q_cams + g_cams))}); a query needs a gallery "
-                   "image of its identity taken by another camera: check the camera numbers in the file names "
-                   "or the csv files")
-        else:
-            why = (f"{SAME_IMAGE_REASON}); a query needs another gallery image of its identity: check the "
-                   "identities in the file names or the csv files")
-        raise ValueError(f"data set {dataset.name} at {dataset.root}: none of its {len(q_pids)} queries can be "
-                         f"scored ({why}")
-    return valid
 
 
 def evaluate_model(model, dataset, cfg, runtime: Runtime | None = None, progress: bool = True) -> dict:
@@ -129,8 +94,7 @@ def _score(qf, gf, q_pids, g_pids, q_labels, g_labels, protocol: str, cfg, runti
         metrics.update({f"rerank_{k}": v for k, v in reranked.items()
                         if k not in ("num_dropped_queries", "dropped_queries_reason")})  # the same
     metrics["protocol"] = protocol
-    if protocol == SAME_IMAGE_PROTOCOL:
-        metrics["dropped_queries_reason"] = SAME_IMAGE_REASON
+    metrics["dropped_queries_reason"] = dropped_reason(protocol)
     return metrics
 
 
@@ -148,7 +112,7 @@ def _evaluate_trials(extractor, dataset, cfg, runtime, progress: bool) -> dict:
         q_idx, g_idx = (torch.tensor(i, dtype=torch.long) for i in dataset.trial_indices(k))
         q_idx, g_idx = q_idx[row[q_idx] >= 0], g_idx[row[g_idx] >= 0]
         query, gallery = [pool[i] for i in q_idx], [pool[i] for i in g_idx]
-        q_labels, g_labels, protocol = exclusion_labels(query, gallery)
+        q_labels, g_labels, protocol = exclusion_labels(query, gallery)  # each draw under the protocol
         runs.append(_score(feats[row[q_idx]], feats[row[g_idx]], pids[row[q_idx]], pids[row[g_idx]],
                            torch.tensor(q_labels), torch.tensor(g_labels), protocol, cfg, runtime))
     metrics = _mean_over_trials(runs)

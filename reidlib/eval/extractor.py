@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data import UnreadableImageError, build_transforms, read_image
 from ..runtime import Runtime, gather_tensor, pick_device, shard
+from .modes import eval_mode
 
 log = logging.getLogger("reidlib")
 
@@ -182,19 +183,16 @@ class FeatureExtractor:
     def _encode(self, images: torch.Tensor, cams: torch.Tensor | None,
                 views: torch.Tensor | None = None) -> torch.Tensor:
         """Features of one batch on the model's device, float32; the mirror's averaged in with ``flip``."""
-        was_training = self.model.training
-        self.model.eval()
         device = self.runtime.device
         images = images.to(device, non_blocking=True)
         side = {"cams": None if cams is None else cams.to(device),
                 "views": None if views is None else views.to(device)}
         amp = (contextlib.nullcontext() if self.amp_dtype is None
                else torch.autocast(device_type=device.type, dtype=self.amp_dtype))
-        with amp:
+        with eval_mode(self.model), amp:
             feats = self.model.encode_image(images, **side).float()
             if self.flip:
                 feats = (feats + self.model.encode_image(images.flip(-1), **side).float()) / 2
-        self.model.train(was_training)
         return feats
 
     # ------------------------------------------------------------------ images on disk

@@ -1,10 +1,13 @@
 """Re-identification metrics: CMC, mAP and mINP under the Market-1501 / DukeMTMC / MSMT17 protocol.
 
 Protocol (the one of torchreid and fast-reid, with mINP from Ye et al., "Deep Learning for Person
-Re-identification: A Survey and Outlook", TPAMI 2021):
+Re-identification: A Survey and Outlook", TPAMI 2021; which items are excluded is stated in
+:mod:`reidlib.eval.protocol`):
 
 - each query ranks the gallery by distance (smaller = closer);
-- gallery items with the query's identity AND camera are junk and dropped for that query only;
+- gallery items with the query's identity AND camera are junk and dropped for that query only
+  (pass per-file labels as camids for the camera-less rule, see
+  :func:`~reidlib.eval.protocol.exclusion_labels`);
 - a query with no remaining same-identity item is skipped (it counts nowhere);
 - with ``hits`` the 0-based positions of the remaining matches in the ranking:
   ``CMC@k = 1 if hits[0] < k``, ``AP = mean_j (j + 1) / (hits[j] + 1)``,
@@ -13,17 +16,20 @@ Re-identification: A Survey and Outlook", TPAMI 2021):
 Ranking is a stable sort by distance, then by gallery index, so equal distances never make the
 result depend on the sort algorithm.
 
-How it is computed: the metrics need only the position of each true match among the valid gallery
-items, not the full ranking. Per chunk of queries the distance rows are sorted by value (a
-vectorised SIMD sort in NumPy on the CPU, ``torch.sort`` elsewhere), and each match's position is
-read off with ``searchsorted``: the number of gallery items strictly closer, plus equal-distance
-items with a smaller index (counted only where ties exist), minus the junk items ranked before it.
+How it is computed, in steps (:func:`evaluate`): distances from the shared kernel
+(:mod:`reidlib.eval.distance`, or a given / re-ranked matrix), the exclusion by the protocol, each
+query's AP/CMC/INP, and the summary over the scorable queries. The metrics need only the position
+of each true match among the valid gallery items, not the full ranking. Per chunk of queries the
+distance rows are sorted by value (a vectorised SIMD sort in NumPy on the CPU, ``torch.sort``
+elsewhere), and each match's position is read off with ``searchsorted``: the number of gallery
+items strictly closer, plus equal-distance items with a smaller index (counted only where ties
+exist), minus the junk items ranked before it.
 Memory stays at a few ``chunk_size x num_gallery`` blocks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -39,30 +45,19 @@ from .distance import (
     resolve_device,
     squared_norms,
 )
+from .protocol import MARKET_DROPPED_REASON, GalleryIdentities, scorable_queries
 from .rerank import rerank as k_reciprocal_rerank
 
 # Why a query counts nowhere (the protocol above), as stored next to the count in the results.
-DROPPED_REASON = "no gallery image of the same identity from another camera"
+DROPPED_REASON = MARKET_DROPPED_REASON
 NO_VALID_QUERY = (
     "no query has a match in the gallery from another camera (same identity, different camera); "
     "check that q_pids/g_pids and q_camids/g_camids are right"
 )
 
-
-def valid_queries(q_pids: Any, q_camids: Any, g_pids: Any, g_camids: Any) -> torch.Tensor:
-    """Which queries the protocol scores: a bool mask, True where the gallery holds an image of
-    the query's identity from another camera. Needs only the labels, so it can run before any
-    feature is extracted.
-
-    >>> valid_queries([1, 2, 3], [0, 0, 0], [1, 2, 2], [1, 0, 1]).tolist()
-    [True, True, False]
-    """
-    q_pids, q_camids = as_tensor(q_pids, "q_pids").long(), as_tensor(q_camids, "q_camids").long()
-    g_pids, g_camids = as_tensor(g_pids, "g_pids").long(), as_tensor(g_camids, "g_camids").long()
-    if len(q_pids) == 0 or len(g_pids) == 0:
-        return torch.zeros(len(q_pids), dtype=torch.bool)
-    _, real, junk = _IdentityIndex(g_pids, g_camids).same_identity(q_pids, q_camids)
-    return (real & ~junk).any(1)
+NON_FINITE_DISTMAT = "distmat contains NaN or infinite values"
+# The former name of :func:`reidlib.eval.protocol.scorable_queries` (labels: camera ids).
+valid_queries = scorable_queries
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,33 +86,6 @@ def _default_chunk(num_gallery: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Ranking of the true matches
 # --------------------------------------------------------------------------------------------
-
-
-class _IdentityIndex:
-    """Gallery indices grouped by identity, to list each query's same-identity items quickly."""
-
-    def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor):
-        self.order = torch.argsort(g_pids, stable=True)  # within an identity: ascending index
-        self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
-        self.starts = torch.cumsum(self.counts, 0) - self.counts
-        self.g_camids = g_camids
-
-    def same_identity(self, q_pids: torch.Tensor, q_camids: torch.Tensor):
-        """Per query: same-identity gallery indices (padded), which are real, which are junk.
-
-        Returns ``(index, real, junk)``, each ``(len(q_pids), width)``; ``index`` is ascending along
-        each row, padding sits at the end with ``real == False``.
-        """
-        slot = torch.searchsorted(self.pids, q_pids).clamp_(max=len(self.pids) - 1)
-        found = self.pids[slot] == q_pids
-        count = torch.where(found, self.counts[slot], torch.zeros_like(slot))
-        width = int(count.max()) if len(count) else 0
-        offset = torch.arange(width, device=q_pids.device)
-        real = offset < count[:, None]
-        pos = (self.starts[slot][:, None] + offset).clamp_(max=len(self.order) - 1)
-        index = torch.where(real, self.order[pos], torch.zeros_like(pos))
-        junk = real & (self.g_camids[index] == q_camids[:, None])
-        return index, real, junk
 
 
 def _sort_rows(dist: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,7 +212,9 @@ def evaluate(
     Args:
         qf, gf: query ``(Q, D)`` and gallery ``(G, D)`` features, tensors or arrays.
         q_pids, g_pids, q_camids, g_camids: identity and camera labels (integers). Identity 0
-            (Market distractors) is an ordinary negative.
+            (Market distractors) is an ordinary negative. For data without camera ids pass the
+            per-file labels of :func:`reidlib.eval.protocol.exclusion_labels` as camids, so that
+            only each query's own image is excluded.
         distmat: a ``(Q, G)`` distance matrix, instead of features.
         metric: ``"euclidean"`` (squared) or ``"cosine"``; used with features only.
         normalize: L2-normalise features before the distance (default, as in CLIP-ReID).
@@ -264,6 +234,9 @@ def evaluate(
 
     Ties: the ranking is a stable sort by distance, then gallery index.
 
+    Steps: the inputs checked, distances (the shared kernel, or the given / re-ranked matrix), the
+    protocol's exclusion and each query's AP/CMC/INP chunk by chunk, the summary.
+
     Raises:
         ValueError: missing or mismatched inputs, NaN/inf values, or no query with a match.
 
@@ -274,6 +247,31 @@ def evaluate(
         >>> r["num_valid_queries"], len(r["cmc"])
         (4, 50)
     """
+    _check_arguments(qf, gf, distmat, metric, max_rank, rerank)
+    dev = resolve_device(device, qf, gf, distmat)
+    if distmat is None:
+        qf, gf = _checked_features(qf, gf)
+        shape, names = (len(qf), len(gf)), ("qf", "gf")
+    else:
+        distmat = _checked_matrix(distmat)
+        shape, names = tuple(distmat.shape), ("distmat", "distmat columns")
+    labels = _checked_labels(q_pids, g_pids, q_camids, g_camids, shape, names, dev)
+    if rerank:
+        distances = _MatrixDistances(_reranked(qf, gf, normalize, rerank, dev), dev, chunk_size)
+    elif distmat is None:
+        distances = _FeatureDistances(qf, gf, metric, normalize, dev, chunk_size)
+    else:
+        distances = _MatrixDistances(distmat, dev, chunk_size)
+    return _score_queries(distances, labels).result(max_rank, shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The steps of evaluate(): checked inputs, distances, exclusion, per-query scores
+# --------------------------------------------------------------------------------------------
+
+
+def _check_arguments(qf, gf, distmat, metric: str, max_rank: int, rerank) -> None:
+    """Which inputs were given and the settings: errors before any work."""
     check_metric(metric)
     if max_rank < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
@@ -286,63 +284,137 @@ def evaluate(
         raise ValueError("pass features (qf, gf) or distmat")
     if rerank and not has_features:
         raise ValueError("rerank needs features (qf, gf), not a distance matrix")
-    dev = resolve_device(device, qf, gf, distmat)
 
-    if has_features:
-        qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
-        if qf.shape[1] != gf.shape[1]:
-            raise ValueError(f"qf has dimension {qf.shape[1]} but gf has dimension {gf.shape[1]}")
-        # Before any normalisation, which would turn a row too large for float32 into zeros.
-        check_finite(squared_norms(qf), "qf", qf)
-        check_finite(squared_norms(gf), "gf", gf)
-        num_query, num_gallery, names = len(qf), len(gf), ("qf", "gf")
-    else:
-        distmat = as_tensor(distmat, "distmat")
-        if distmat.dim() != 2:
-            raise ValueError(f"distmat must be 2-D (Q x G), got shape {tuple(distmat.shape)}")
-        if not distmat.is_floating_point():
-            distmat = distmat.double()
-        num_query, num_gallery, names = distmat.shape[0], distmat.shape[1], ("distmat", "distmat columns")
 
-    if rerank:
-        if normalize:
-            qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
-        options = {"device": dev, **(rerank if isinstance(rerank, dict) else {})}
-        distmat = k_reciprocal_rerank(qf.to(dev), gf.to(dev), **options)
-        has_features = False
-    elif has_features:
-        dtype = torch.promote_types(qf.dtype, gf.dtype)
-        distance_to = GalleryDistance(gf.to(dev, dtype), metric, normalize)
+def _checked_features(qf: Any, gf: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(f"qf has dimension {qf.shape[1]} but gf has dimension {gf.shape[1]}")
+    # Before any normalisation, which would turn a row too large for float32 into zeros.
+    check_finite(squared_norms(qf), "qf", qf)
+    check_finite(squared_norms(gf), "gf", gf)
+    return qf, gf
 
-    q_pids = _as_labels(q_pids, "q_pids", num_query, names[0]).to(dev)
-    q_camids = _as_labels(q_camids, "q_camids", num_query, names[0]).to(dev)
-    g_pids = _as_labels(g_pids, "g_pids", num_gallery, names[1]).to(dev)
-    g_camids = _as_labels(g_camids, "g_camids", num_gallery, names[1]).to(dev)
+
+def _checked_matrix(distmat: Any) -> torch.Tensor:
+    """A 2-D floating-point matrix; its values are checked as its rows are read."""
+    distmat = as_tensor(distmat, "distmat")
+    if distmat.dim() != 2:
+        raise ValueError(f"distmat must be 2-D (Q x G), got shape {tuple(distmat.shape)}")
+    return distmat if distmat.is_floating_point() else distmat.double()
+
+
+class _Labels(NamedTuple):
+    """Identities and exclusion labels (camera ids, or per-file numbers: see the protocol)."""
+
+    q_pids: torch.Tensor
+    q_labels: torch.Tensor
+    g_pids: torch.Tensor
+    g_labels: torch.Tensor
+
+
+def _checked_labels(q_pids, g_pids, q_camids, g_camids, shape, names, device) -> _Labels:
+    num_query, num_gallery = shape
+    labels = _Labels(
+        _as_labels(q_pids, "q_pids", num_query, names[0]).to(device),
+        _as_labels(q_camids, "q_camids", num_query, names[0]).to(device),
+        _as_labels(g_pids, "g_pids", num_gallery, names[1]).to(device),
+        _as_labels(g_camids, "g_camids", num_gallery, names[1]).to(device),
+    )
     if num_gallery == 0:
         raise ValueError("the gallery is empty")
+    return labels
 
-    identities = _IdentityIndex(g_pids, g_camids)
-    chunk = min(chunk_size or _default_chunk(num_gallery), max(1, num_query))
-    dtype = distance_to.gallery_t.dtype if has_features else distmat.dtype
-    dist_buffer = torch.empty(chunk, num_gallery, dtype=dtype, device=dev) if has_features else None
-    sort_buffer = torch.empty(chunk, num_gallery, dtype=dtype, device=dev) if dev.type == "cpu" else None
-    totals = _MetricTotals()
-    for start in range(0, num_query, chunk):
-        rows = slice(start, start + chunk)
-        index, real, junk = identities.same_identity(q_pids[rows], q_camids[rows])
-        n = len(index)
-        if not bool((real & ~junk).any()):
-            # No query in this chunk can be scored: skip the ranking, still reject bad input.
-            if not has_features and not bool(torch.isfinite(distmat[rows]).all()):
-                raise ValueError("distmat contains NaN or infinite values")
-            continue
-        dist = distance_to(qf[rows], out=dist_buffer[:n]) if has_features else distmat[rows].to(dev)
-        sorted_dist = _sort_rows(dist, out=None if sort_buffer is None else sort_buffer[:n])
+
+def _reranked(qf: torch.Tensor, gf: torch.Tensor, normalize: bool, options, device) -> torch.Tensor:
+    """k-reciprocal re-ranked distances (Zhong et al., CVPR 2017) of the features, L2-normalised
+    first when the plain distances normalise them."""
+    if normalize:
+        qf, gf = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
+    options = {"device": device, **(options if isinstance(options, dict) else {})}
+    return k_reciprocal_rerank(qf.to(device), gf.to(device), **options)
+
+
+class _QueryDistances:
+    """Step 1: distances of a chunk of queries to the whole gallery, and each row sorted, into
+    reused buffers (fresh blocks per chunk would page-fault every time)."""
+
+    def __init__(self, num_query: int, num_gallery: int, dtype: torch.dtype, device: torch.device,
+                 chunk_size: int | None):
+        self.num_query, self.num_gallery, self.device = num_query, num_gallery, device
+        self.chunk = min(chunk_size or _default_chunk(num_gallery), max(1, num_query))
+        self._sorted = (torch.empty(self.chunk, num_gallery, dtype=dtype, device=device)
+                        if device.type == "cpu" else None)
+
+    def chunks(self):
+        """Consecutive row slices covering the queries."""
+        return (slice(start, start + self.chunk) for start in range(0, self.num_query, self.chunk))
+
+    def rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(distances, each row sorted ascending)`` of the queries in ``rows``."""
+        dist = self._distances(rows)
+        sorted_dist = _sort_rows(dist, out=None if self._sorted is None else self._sorted[: len(dist)])
+        self._check_sorted(sorted_dist)
+        return dist, sorted_dist
+
+    def skip(self, rows: slice) -> None:
+        """The queries in ``rows`` are not ranked (none is scorable); bad input is still refused."""
+
+    def _distances(self, rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_sorted(self, sorted_dist: torch.Tensor) -> None:
+        pass
+
+
+class _FeatureDistances(_QueryDistances):
+    """Distances computed from the features by the shared kernel."""
+
+    def __init__(self, qf, gf, metric: str, normalize: bool, device, chunk_size):
+        dtype = torch.promote_types(qf.dtype, gf.dtype)
+        super().__init__(len(qf), len(gf), dtype, device, chunk_size)
+        self.qf = qf
+        self.kernel = GalleryDistance(gf.to(device, dtype), metric, normalize)
+        self._out = torch.empty(self.chunk, len(gf), dtype=dtype, device=device)
+
+    def _distances(self, rows: slice) -> torch.Tensor:
+        queries = self.qf[rows]
+        return self.kernel(queries, out=self._out[: len(queries)])
+
+
+class _MatrixDistances(_QueryDistances):
+    """Distances read from a matrix (given, or re-ranked), whose values are checked as read."""
+
+    def __init__(self, distmat: torch.Tensor, device, chunk_size):
+        super().__init__(distmat.shape[0], distmat.shape[1], distmat.dtype, device, chunk_size)
+        self.distmat = distmat
+
+    def _distances(self, rows: slice) -> torch.Tensor:
+        return self.distmat[rows].to(self.device)
+
+    def skip(self, rows: slice) -> None:
+        if not bool(torch.isfinite(self.distmat[rows]).all()):
+            raise ValueError(NON_FINITE_DISTMAT)
+
+    def _check_sorted(self, sorted_dist: torch.Tensor) -> None:
         # Sorted rows hold each row's minimum first and its maximum (or NaN) last.
-        if not has_features and not bool(torch.isfinite(sorted_dist[:, [0, -1]]).all()):
-            raise ValueError("distmat contains NaN or infinite values")
-        totals.add(*_match_positions(dist, sorted_dist, index, real, junk))
-    return totals.result(max_rank, num_query)
+        if not bool(torch.isfinite(sorted_dist[:, [0, -1]]).all()):
+            raise ValueError(NON_FINITE_DISTMAT)
+
+
+def _score_queries(distances: _QueryDistances, labels: _Labels) -> _MetricTotals:
+    """Steps 2-3, chunk by chunk: the protocol's exclusion, then where each query's true matches
+    rank, summed into AP, INP and first hits (CMC)."""
+    identities = GalleryIdentities(labels.g_pids, labels.g_labels)
+    totals = _MetricTotals()
+    for rows in distances.chunks():
+        index, real, excluded = identities.same_identity(labels.q_pids[rows], labels.q_labels[rows])
+        if not bool((real & ~excluded).any()):
+            distances.skip(rows)  # nothing to rank in this chunk
+            continue
+        dist, sorted_dist = distances.rows(rows)
+        totals.add(*_match_positions(dist, sorted_dist, index, real, excluded))
+    return totals
 
 
 class Evaluator:

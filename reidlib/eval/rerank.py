@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distance import CHUNK_ELEMENTS, check_finite, squared_norms
+from .distance import CHUNK_ELEMENTS, GalleryDistance, check_finite, resolve_device, squared_norms
 
 # The nearest-neighbour lists keep this many times (k1 + 1) entries: the distance of a row to most
 # members of its expanded set is then read from the list instead of being recomputed.
@@ -66,8 +66,8 @@ def rerank(
             L2-normalised if that is how they are compared (``evaluate`` does).
         k1, k2, lambda_value: the method's parameters (paper and published defaults 20, 6, 0.3).
         chunk_size: rows of the ``N x N`` distance computed at a time (default: ~128 MiB worth).
-        device: where to compute; default the features' device if they are tensors off the CPU,
-            else CUDA when available, else the CPU.
+        device: where to compute; default the features' device (the CPU for arrays), as for
+            every distance in :mod:`reidlib.eval.distance`.
         memory_budget_gb: refuse to start (``MemoryError``) when the estimated peak exceeds this;
             default the memory currently available on the device.
 
@@ -84,16 +84,16 @@ def rerank(
     q, g = _features(qf, "qf"), _features(gf, "gf")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"qf has dimension {q.shape[1]} but gf has dimension {g.shape[1]}")
-    dev = _pick_device(device, qf)
+    dev = resolve_device(device, qf, gf)
     num_query, num_gallery = len(q), len(g)
     n = num_query + num_gallery
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // n)
     _check_memory(num_query, num_gallery, q.shape[1], chunk, k1, k2, dev, memory_budget_gb)
 
-    x = torch.cat([q, g]).to(dev)
-    distance = _RowDistance(x)
-    check_finite(distance.sq[:num_query], "qf", x[:num_query])
-    check_finite(distance.sq[num_query:], "gf", x[num_query:])
+    # Checked apart, so that an error names the right matrix and row.
+    check_finite(squared_norms(q), "qf", q)
+    check_finite(squared_norms(g), "gf", g)
+    distance = _RowDistance(torch.cat([q, g]).to(dev))
     result = torch.empty(num_query, num_gallery, dtype=torch.float32, device=dev)
     nearest = _nearest_neighbours(distance, k1, k2, chunk, result)
     members = _expanded_sets(nearest.index, k1, chunk)
@@ -127,14 +127,6 @@ def _features(x: Any, name: str) -> torch.Tensor:
     if feats.dim() != 2 or len(feats) == 0:
         raise ValueError(f"{name} must be a non-empty 2-D matrix (num_images x dim), got {tuple(feats.shape)}")
     return feats.float()  # the published code works in float32; NaN/inf are checked on the norms
-
-
-def _pick_device(device: Any, qf: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if isinstance(qf, torch.Tensor) and qf.device.type != "cpu":
-        return qf.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -204,33 +196,20 @@ def _half(k1: int) -> int:
 
 
 class _RowDistance:
-    """Squared Euclidean distances from any rows to all N rows: ``[x, |x|^2, 1] . [-2y, 1, |y|^2]``,
-    one GEMM per chunk, clamped at 0 against rounding."""
+    """Squared Euclidean distances from any rows of ``x`` (query and gallery features stacked) to
+    all N rows, by the shared distance kernel (no normalisation: the caller normalises)."""
 
     def __init__(self, x: torch.Tensor):
         self.x = x
-        self.sq = squared_norms(x)
-        dim, n = x.shape[1], len(x)
-        self.all_t = torch.empty(dim + 2, n, dtype=x.dtype, device=x.device)
-        self.all_t[:dim].copy_(x.t()).mul_(-2)  # transposed and contiguous: the faster GEMM operand
-        self.all_t[dim] = 1
-        self.all_t[dim + 1] = self.sq
-
-    def augmented(self, rows) -> torch.Tensor:
-        x = self.x[rows]
-        return torch.cat([x, self.sq[rows, None], torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+        self.kernel = GalleryDistance(x, "euclidean", normalize=False, names=("features", "features"))
 
     def to_all(self, rows, out: torch.Tensor | None = None) -> torch.Tensor:
         """``(rows, N)`` squared distances."""
-        return torch.mm(self.augmented(rows), self.all_t, out=out).clamp_(min=0)
+        return self.kernel(self.x[rows], out=out)
 
-    def pairs(self, i: torch.Tensor, j: torch.Tensor, step: int = 4096) -> torch.Tensor:
-        """Squared distances of the pairs ``(i[t], j[t])``, a few thousand at a time."""
-        dots = [
-            (self.x.index_select(0, i[s : s + step]) * self.x.index_select(0, j[s : s + step])).sum(1)
-            for s in range(0, len(i), step)
-        ]
-        return (self.sq[i] + self.sq[j] - 2 * torch.cat(dots)).clamp_(min=0)
+    def pairs(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Squared distances of the pairs ``(i[t], j[t])``."""
+        return self.kernel.pairs(self.x, i, j)
 
 
 class _Neighbours:

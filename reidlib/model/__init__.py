@@ -8,8 +8,9 @@ Example::
     print(parameter_table(model))
     features = model.eval().encode_image(images)        # [B, 1280] for ViT-B/16
 """
+from ..weights.clip import TINY_CONFIGS, load_clip, read_state_dict
 from .attention import SplitAttention, split_attention
-from .backbone import TINY_CONFIGS, load_clip, read_state_dict, resize_grid_embedding
+from .backbone import resize_grid_embedding
 from .lora import apply_lora, merge_lora
 from .prompts import DeepPromptLearner, PromptLearner, TextEncoder
 from .reid import ReIDModel, build_model

@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import ReIDViT, load_clip, reid_image_tower
+from ..weights.clip import load_clip
+from ..weights.finetune import check_source, read_trained_source, take_trained_weights
+from .backbone import ReIDViT, reid_image_tower
 from .lora import apply_lora
-from .pretrained import check_source, read_trained_source, take_trained_weights
 from .prompts import TextEncoder, build_prompt_learner
 
 
@@ -158,8 +159,8 @@ def build_model(cfg, num_classes: int, num_cameras: int = 0, num_views: int = 0)
     Loads CLIP (``cfg.name``, ``cfg.pretrained``), adapts it and, when ``cfg.lora.enabled``,
     injects LoRA right away (B = 0: outputs are unchanged until stage 2 trains it; the state-dict
     keys are then the same at every stage, for resuming). When ``cfg.pretrained`` is a trained
-    re-ID checkpoint (reidlib's or the reference's), its encoders are taken and the identity-specific
-    parts start afresh (see :mod:`reidlib.model.pretrained`).
+    re-ID model (reidlib's folder or checkpoint, or the reference's), its encoders are taken and the
+    identity-specific parts start afresh (see :mod:`reidlib.weights.finetune`).
 
     Example::
 

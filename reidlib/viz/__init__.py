@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from .plots import plot_bars, plot_cmc, plot_gains, plot_training_curves, read_jsonl, training_frames
-from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows, text_search_figure
+from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows
 from .tables import (
     METHOD_NAMES,
     METRIC_NAMES,
@@ -37,7 +37,7 @@ __all__ = ["collect_metrics", "collect_groups", "summarize", "paired_test", "com
            "summary_markdown", "to_markdown", "write_summary", "plot_bars", "plot_cmc", "plot_gains",
            "plot_training_curves", "read_jsonl", "training_frames", "rank_gallery",
            "retrieval_grid", "retrieval_rows", "attention_maps", "attention_figure",
-           "retrieval_figure", "text_search_figure", "load_run_models", "headline_table", "show_progress",
+           "retrieval_figure", "headline_table", "show_progress",
            "METHOD_NAMES", "METRIC_NAMES", "collect_cross", "cross_headlines", "cross_summary",
            "cross_matrix", "cross_markdown", "write_cross_matrix"]
 
@@ -45,9 +45,13 @@ __all__ = ["collect_metrics", "collect_groups", "summarize", "paired_test", "com
 def __getattr__(name):
     # attention.py imports torch; tables and plots do not need it.
     if name in ("attention_maps", "attention_rollout", "last_layer_cls_attention", "attention_figure",
-                "load_run_models", "AttentionRecorder"):
+                "AttentionRecorder"):
         from . import attention
         return getattr(attention, name)
+    if name == "load_run_models":   # a sweep's layout: moved with the sweep
+        raise AttributeError("reidlib.viz.load_run_models moved: use reidlib.experiments.load_run_models")
+    if name == "text_search_figure":   # the demo's zero-shot figure: moved with the demo
+        raise AttributeError("reidlib.viz.text_search_figure moved: use reidlib.demo.zeroshot.text_search_figure")
     raise AttributeError(f"module 'reidlib.viz' has no attribute '{name}'")
 
 

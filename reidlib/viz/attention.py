@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.colors import Normalize
 
-from ..config import run_dir
-from ..model.io import load_trained_model
+from ..eval.modes import eval_mode
 from .tables import method_label
 
 
@@ -128,11 +127,8 @@ def attention_maps(model, images: torch.Tensor, mode: str = "rollout", cams=None
     map is divided by its maximum. ``mode``: ``rollout`` or ``last``."""
     if mode not in ("rollout", "last"):
         raise ValueError(f"mode must be 'rollout' or 'last', got '{mode}'")
-    was_training = model.training
-    model.eval()
-    with AttentionRecorder(model) as recorder:
+    with eval_mode(model), AttentionRecorder(model) as recorder:
         model.encode_image(images, cams=cams if getattr(model, "uses_sie", False) else None)
-    model.train(was_training)
     weights = recorder.attentions()
     flat = attention_rollout(weights) if mode == "rollout" else last_layer_cls_attention(weights)
     rows, cols = token_grid(model)
@@ -151,20 +147,6 @@ def _load_images(items, cfg, device):
                       for p in pictures])
     cams = torch.tensor([camid for _, _, camid in items], device=device)
     return batch, shown, cams
-
-
-def load_run_models(results_root: str | Path, dataset: str, methods, seed: int, device: str = "cpu") -> dict:
-    """method -> (model, cfg) from ``results_root/<dataset>/<method>/seed<seed>/model_final.pt``."""
-    models = {}
-    for method in methods:
-        path = run_dir(results_root, dataset, method, seed) / "model_final.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: train this run first (train_eval.ipynb or "
-                                    "python -m reidlib sweep)")
-        model, cfg = load_trained_model(path, device=device)
-        cfg.device = device
-        models[method] = (model, cfg)
-    return models
 
 
 def attention_figure(models: dict, items, out_png: str | Path | None = None, mode: str = "rollout",

@@ -1,16 +1,18 @@
 """Ranked-retrieval grids: a query image and its top-k gallery matches, framed green when the
 match has the query's identity and red when not.
 
-Gallery images of the query's identity taken by the query's camera are left out before ranking,
-as in the evaluation (the Market-1501 protocol, Zheng et al. 2015): finding them is trivial.
+Gallery images are left out before ranking as in the evaluation (:mod:`reidlib.eval.protocol`):
+those of the query's identity taken by the query's camera (the Market-1501 protocol, Zheng et al.,
+ICCV 2015: finding them is trivial), or, on data without camera ids, the query's own image only.
 
 Standalone (e.g. from ``python -m reidlib search``)::
 
     retrieval_grid("q.jpg", ["g3.jpg", "g7.jpg", ...], None, "grid.png", title="top 10")
 
-From a distance matrix::
+From a distance matrix, with the protocol's labels (camera ids, or per-file numbers without them)::
 
-    order, flags = rank_gallery(dist[i], q_pid, q_cam, g_pids, g_cams, top=10)
+    q_labels, g_labels, _ = exclusion_labels(query_items, gallery_items)
+    order, flags = rank_gallery(dist[i], q_pid, q_labels[i], g_pids, g_labels, top=10)
     retrieval_grid(query_path, [gallery_paths[j] for j in order], flags, "grid.png")
 """
 from __future__ import annotations
@@ -20,22 +22,49 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.patches import Patch
 from PIL import Image
+
+from ..eval.protocol import excluded, exclusion_labels, ranked_gallery
 
 CORRECT, WRONG, UNKNOWN, QUERY = "#1a9850", "#d73027", "#9e9e9e", "#2c7bb6"
 CELL = (1.25, 2.5)  # inches per image (width, height): person crops are 2:1
 DPI = 80            # 100 x 200 pixels per image: above the generated and Market-1501 crops (64 x 128)
 
 
-def rank_gallery(dist_row, q_pid: int, q_cam: int, g_pids, g_cams, top: int = 10):
-    """Gallery indices of the ``top`` nearest matches of one query (junk left out) and whether
-    each has the query's identity."""
-    dist_row, g_pids, g_cams = (np.asarray(x) for x in (dist_row, g_pids, g_cams))
-    order = np.argsort(dist_row, kind="stable")
-    junk = (g_pids[order] == q_pid) & (g_cams[order] == q_cam)
-    order = order[~junk][:top]
-    return order.tolist(), (g_pids[order] == q_pid).tolist()
+def rank_gallery(dist_row, q_pid: int, q_label: int, g_pids, g_labels, top: int = 10):
+    """Gallery indices of the ``top`` nearest matches of one query, with the images the protocol
+    excludes left out, and whether each has the query's identity. ``q_label`` and ``g_labels`` are
+    the protocol's exclusion labels (:func:`reidlib.eval.protocol.exclusion_labels`): the camera
+    ids when every image has one; raw camids of -1 would exclude every same-identity image.
+
+    >>> rank_gallery([0.0, 0.1, 0.2], 5, 0, [5, 5, 7], [0, 1, 2])   # labels of own files
+    ([1, 2], [True, False])
+    """
+    g_pids = np.asarray(g_pids)
+    order = ranked_gallery(dist_row, excluded([q_pid], [q_label], g_pids, g_labels)[0], top)
+    return order, (g_pids[order] == q_pid).tolist()
+
+
+def _model_rankings(model, cfg, queries, q_labels, gallery, g_labels, top: int):
+    """``(gallery indices, correct flags)`` of each query's ``top`` matches under one model."""
+    from ..eval.distance import compute_distance
+    from ..eval.extract import extract_features
+    qf, _, _, q_kept = extract_features(model, queries, cfg, progress=False, return_kept=True)
+    gf, _, _, g_kept = extract_features(model, gallery, cfg, progress=False, return_kept=True)
+    if not bool(q_kept.all()):
+        unread = [path for (path, _, _), kept in zip(queries, q_kept.tolist()) if not kept]
+        raise ValueError(f"cannot read the query image(s) {unread}")
+    dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm).cpu()
+    # The columns of dist are the readable gallery images only: rank those, then map back.
+    readable = torch.nonzero(g_kept).flatten().tolist()
+    g_pids, g_labels = [gallery[j][1] for j in readable], [g_labels[j] for j in readable]
+    rankings = []
+    for i, (_, pid, _) in enumerate(queries):
+        order, flags = rank_gallery(dist[i], pid, q_labels[i], g_pids, g_labels, top)
+        rankings.append(([readable[j] for j in order], flags))
+    return rankings
 
 
 def _show(ax, path, color: str, label: str, caption: str | None = None, width: int = 6) -> None:
@@ -127,18 +156,14 @@ def retrieval_figure(models: dict, dataset, query_indices, out_png: str | Path |
     """Each chosen query's top-``top`` matches in the whole gallery, one row per (query, model),
     so the models' rankings of a query sit next to each other. ``models``: name -> (model, cfg);
     ``dataset``: a loaded data set (``.query``, ``.gallery``)."""
-    from ..eval.distance import compute_distance
-    from ..eval.extract import extract_features
     from .tables import method_label
     queries = [dataset.query[i] for i in query_indices]
     g_paths = [path for path, _, _ in dataset.gallery]
-    ranked = {}
-    for name, (model, cfg) in models.items():
-        qf, _, _ = extract_features(model, queries, cfg, progress=False)
-        gf, g_pids, g_cams = extract_features(model, dataset.gallery, cfg, progress=False)
-        dist = compute_distance(qf, gf, metric=cfg.test.metric, normalize=cfg.test.feat_norm).cpu()
-        ranked[name] = [rank_gallery(dist[i], pid, cam, g_pids, g_cams, top)
-                        for i, (_, pid, cam) in enumerate(queries)]
+    # The protocol of the whole query set and gallery, as the evaluation decides it.
+    q_labels, g_labels, _ = exclusion_labels(dataset.query, dataset.gallery)
+    q_labels = [q_labels[i] for i in query_indices]
+    ranked = {name: _model_rankings(model, cfg, queries, q_labels, dataset.gallery, g_labels, top)
+              for name, (model, cfg) in models.items()}
     rows = []
     for i, (path, pid, cam) in enumerate(queries):
         for name in models:
@@ -148,29 +173,3 @@ def retrieval_figure(models: dict, dataset, query_indices, out_png: str | Path |
                          "query_caption": f"id {pid}, cam {cam}",
                          "captions": [f"id {dataset.gallery[j][1]}, cam {dataset.gallery[j][2]}" for j in order]})
     return retrieval_rows(rows, out_png, title or f"Top-{top} retrieval ({dataset.name})")
-
-
-def text_search_figure(clip, queries: list[tuple[str, int]], dataset, out_png: str | Path | None = None,
-                       top: int = 5, title: str | None = None):
-    """Zero-shot text-to-image search with a CLIP: for each ``(caption, pid)`` of ``queries``, the
-    ``top`` gallery images of ``dataset`` nearest to the caption, framed green when they show
-    person ``pid`` and red when not. ``clip``: an ``open_clip.CLIP`` (no re-ID training needed).
-
-    Example::
-
-        clip = load_clip("vit-tiny8", "data/miniature/clip-vit-tiny8-....pt")
-        text_search_figure(clip, [("a red cap, a blue long-sleeved top, ...", 17)], data, "search.png")
-    """
-    from ..data.cache import decode_images
-    from ..eval.zeroshot import search_by_text
-    g_paths = [path for path, _, _ in dataset.gallery]
-    gallery, skipped = decode_images(g_paths, clip.visual.image_size)
-    kept = sorted(set(range(len(g_paths))) - set(skipped))
-    ranked = search_by_text(clip, [caption for caption, _ in queries], gallery, top)
-    rows = []
-    for (caption, pid), order in zip(queries, ranked):
-        hits = [dataset.gallery[kept[j]] for j in order]
-        rows.append({"query_text": caption, "gallery": [path for path, _, _ in hits],
-                     "correct": [hit_pid == pid for _, hit_pid, _ in hits],
-                     "captions": [f"id {hit_pid}, cam {cam}" for _, hit_pid, cam in hits]})
-    return retrieval_rows(rows, out_png, title or f"Text-to-image search, top {top} ({dataset.name})")

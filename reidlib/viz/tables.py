@@ -65,7 +65,7 @@ def _dataset_sort_key(dataset: str):
 # --------------------------------------------------------------------------- collecting runs
 
 # Folders under a results root that hold no run of the table: executed notebooks, and finished
-# runs a sweep replaced because they were made with other settings (see reidlib.sweep).
+# runs a sweep replaced because they were made with other settings (see reidlib.experiments.sweep).
 NOT_RUNS = ("runs", "superseded")
 
 
@@ -365,7 +365,7 @@ def headline_table(metrics: dict) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- cross-data-set matrix
 
-# Written by reidlib.engine.cross into a run folder (the name is repeated here: tables import no torch).
+# Written by reidlib.experiments.cross into a run folder (the name is repeated here: tables import no torch).
 CROSS_FILE = "cross_metrics.json"
 
 
@@ -454,7 +454,7 @@ def write_cross_matrix(results_root: str | Path, out_dir: str | Path | None = No
 
 
 def cross_headlines(cross: dict) -> pd.DataFrame:
-    """What :func:`~reidlib.engine.cross.cross_evaluate` returns ({data set: metrics}) as one
+    """What :func:`~reidlib.experiments.cross.cross_evaluate` returns ({data set: metrics}) as one
     row per tested data set, in %."""
     frames = [headline_table(metrics).assign(**{"tested on": name}) for name, metrics in cross.items() if metrics]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

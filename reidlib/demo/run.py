@@ -6,7 +6,7 @@ seeds, from the miniature and, as a control, from random weights -> the summary 
 
 Steps: write the generated Market-format data set to ``data/synth`` (when missing; read as data set
 ``synth``) and print its statistics; pretrain the miniature CLIP on a generated image-caption set
-(:mod:`reidlib.engine.pretrain`; cached in ``data/miniature`` under a hash of its recipe, so only
+(:mod:`reidlib.demo.pretrain`; cached in ``data/miniature`` under a hash of its recipe, so only
 the first demo pays for it); train every (method, seed) with the ``tiny`` config twice, from the
 miniature and from random weights, by executing ``notebooks/train_eval.ipynb`` through the sweep
 (finished runs are skipped on a re-run); execute ``compare.ipynb`` on both groups and
@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config, run_dir
-from .sweep import ATTENTION_NOTEBOOK, COMPARE_NOTEBOOK, error_message, execute_notebook, run_sweep
+from ..config import load_config
+from ..experiments.layout import run_dir
+from ..experiments.sweep import ATTENTION_NOTEBOOK, COMPARE_NOTEBOOK, error_message, execute_notebook, run_sweep
 
 DATASET = "synth"
 # On top of the tiny config (whose epochs and LRs are sized for this demo): every other stage-2
@@ -48,7 +49,7 @@ def _has_images(root: Path) -> bool:
 def prepare_data(root: str | Path, ids: int = 60, cams: int = 4, seed: int = 0, echo=print) -> Path:
     """The generated data set at ``root``, written when it is not there yet (or lacks its captions,
     as one written by an older reidlib does)."""
-    from .data.synth import CAPTIONS_CSV, generate_market
+    from .synth import CAPTIONS_CSV, generate_market
     root = Path(root)
     if not (_has_images(root) and (root / CAPTIONS_CSV).is_file()):
         echo(f"generating the demo data set in {root} ({ids} identities, {cams} cameras) ...")
@@ -73,9 +74,9 @@ def zero_shot_figure(miniature: str | Path, data, out_png: str | Path, top: int 
     """The miniature's text-to-image search on the test gallery, before any re-ID training."""
     import matplotlib.pyplot as plt
 
-    from .data.synth import read_captions
-    from .model.backbone import load_clip
-    from .viz.retrieval import text_search_figure
+    from ..weights.clip import load_clip
+    from .synth import read_captions
+    from .zeroshot import text_search_figure
     clip = load_clip(load_config("tiny").model.name, str(miniature))   # the architecture the runs train
     queries = zero_shot_queries(data, read_captions(data.root))
     figure = text_search_figure(clip, queries, data, out_png, top=top,
@@ -111,7 +112,7 @@ def _miniature(args) -> Path:
     the first time by ``python -m reidlib pretrain`` in a process of its own: there torch starts with
     two threads that sleep while they wait (OMP_WAIT_POLICY, read when torch loads), where this
     process has torch loaded already and its runs take one thread each."""
-    from .engine.pretrain import PretrainRecipe, miniature_path
+    from .pretrain import PretrainRecipe, miniature_path
     if args.miniature:
         return Path(args.miniature)
     env = {**os.environ, "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1)), "OMP_WAIT_POLICY": "PASSIVE"}
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     # threads made runs several times slower (measured: 40 s with one thread vs 68-210 s with two).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = prepare_data(args.data, args.ids, echo=echo)
-    from .data import load_dataset
+    from ..data import load_dataset
     data = load_dataset(DATASET, root)
     echo(data.stats_table())
     miniature = _miniature(args)

@@ -17,10 +17,11 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import Config, method_of
+from ..config import Config
 from ..data import load_dataset
 from ..eval.extract import check_valid_queries, evaluate_model
 from ..files import write_json
+from ..methods import run_label
 from ..model.io import load_trained_model
 from ..runtime import setup_runtime
 
@@ -59,7 +60,7 @@ def cross_evaluate(cfg: Config, test_on, weights: str | Path | None = None) -> d
     {data set: metrics} for all of them and writes them to ``<output_dir>/cross_metrics.json``."""
     targets = parse_targets(test_on)
     out = Path(cfg.output_dir)
-    record = read_cross(out) or {"trained_on": cfg.data.dataset, "method": method_of(cfg), "seed": cfg.seed,
+    record = read_cross(out) or {"trained_on": cfg.data.dataset, "method": run_label(cfg), "seed": cfg.seed,
                                  "tested_on": {}}
     todo = {name: root for name, root in targets.items() if name not in record["tested_on"]}
     if not todo:

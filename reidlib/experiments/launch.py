@@ -67,7 +67,7 @@ def write_launch_config(cfg) -> Path:
     back as it is (every key explicit, so torchrun's processes train exactly ``cfg``)."""
     import yaml
 
-    from .config import to_dict
+    from ..config import to_dict
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / LAUNCH_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -80,7 +80,7 @@ def train_run(cfg, dataset=None, nproc: int = 1) -> dict:
     resolved config written to ``<output_dir>/launch_config.yaml``. What train_eval.ipynb calls."""
     import json
     if nproc <= 1:
-        from .engine.trainer import train
+        from ..engine.trainer import train
         return train(cfg, dataset=dataset)
     out = Path(cfg.output_dir)
     command = torchrun_command(write_launch_config(cfg), nproc)

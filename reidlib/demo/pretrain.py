@@ -4,7 +4,7 @@ model that already relates images to words, as CLIP-ReID starts from CLIP.
 CLIP (Radford et al., ICML 2021) learns an image tower and a text tower from image-caption pairs
 with a symmetric contrastive loss and a learnable temperature. Here the same is done, in minutes on
 a CPU, for the ``tiny`` config's towers (``vit-tiny8``, built by open_clip, open_clip's tokenizer), on
-a generated "web" set (:func:`reidlib.data.synth.generate_web`): thousands of people the re-ID sets
+a generated "web" set (:func:`reidlib.demo.synth.generate_web`): thousands of people the re-ID sets
 never show, one or two images each from cameras of their own, each image with a caption of what the
 person wears. The result is an open_clip training checkpoint (``{"name", "state_dict", ...}``),
 which ``model.pretrained=PATH`` loads through the same code as any CLIP file, with GELU, as it was
@@ -39,14 +39,14 @@ import open_clip
 import torch
 
 from ..data.cache import decode_images
-from ..data.synth import CAPTIONS_CSV, generate_web, read_captions
 from ..data.transforms import normalize
-from ..eval.zeroshot import PIXEL_MEAN, PIXEL_STD
 from ..files import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from ..losses import clip_loss
-from ..model.backbone import load_clip
 from ..model.prompts import TextEncoder
 from ..runtime import pick_device
+from ..weights.clip import load_clip
+from .synth import CAPTIONS_CSV, generate_web, read_captions
+from .zeroshot import PIXEL_MEAN, PIXEL_STD
 
 log = logging.getLogger("reidlib")
 

@@ -45,14 +45,14 @@ import open_clip
 import torch
 
 from ..data.vehicles import VERI_VIEWS  # VeRi-776's 8 orientations: the only views the reference reads
-from .backbone import TINY_CONFIGS  # importing it registers the tiny architectures with open_clip
+from .clip import TINY_CONFIGS  # importing it registers the tiny architectures with open_clip
 
 # The thesis computes its LoRA update as alpha/sqrt(r)·B·A (loralib/layers.py), i.e. rsLoRA.
 _THESIS_RSLORA = True
 _HEAD_KEYS = ("bottleneck.", "bottleneck_proj.", "classifier.", "classifier_proj.")
 _PREFIX_TOKENS = 5   # "<SOS> a photo of a": the slots start at position 5 in both repositories
 _ARCH_ORDER = ("ViT-B-16", "RN50", *TINY_CONFIGS)
-# reidlib's LoRA target names -> the Linears they adapt in a block (as model/lora.py)
+# reidlib's LoRA target names -> the Linears they adapt in a block (as reidlib.model.lora)
 _LORA_MODULES = {"q": ["attn.q_proj"], "k": ["attn.k_proj"], "v": ["attn.v_proj"], "out": ["attn.out_proj"],
                  "mlp": ["mlp.c_fc", "mlp.c_proj"]}
 

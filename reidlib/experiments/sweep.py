@@ -13,15 +13,15 @@ Layout under the results folder::
     summary.md, summary.csv, figures/ the tables and figures of compare.ipynb
     sweep_failures.log                one entry per failed run
     superseded/<time>/<dataset>/<method>/seed<k>/   finished runs made with other settings
-    <run folder>/claim.json           the run's owner while it runs (host, pid): see reidlib.claims
+    <run folder>/claim.json           the run's owner while it runs (host, pid): see reidlib.experiments.claims
     <run folder>/queued.json, failed.json   waiting to start / the last attempt's error
     <run folder>/cross_metrics.json   with --cross: the model tested on the sweep's other data sets
     runs/submitit/                    submitit's job scripts and logs (--launcher slurm | local-submitit)
 
-Where runs execute (reidlib.launch): one after another in this process; ``--jobs N`` worker
+Where runs execute (reidlib.experiments.launch): one after another in this process; ``--jobs N`` worker
 processes (CPU: one thread each); ``--gpus 0,1,..`` workers pinned with CUDA_VISIBLE_DEVICES, and
 ``--gpus-per-run K`` runs trained with torchrun over K GPUs; ``--launcher slurm`` one submitit job
-per run. ``python -m reidlib sweep --status RESULTS`` prints every run's state (reidlib.status).
+per run. ``python -m reidlib sweep --status RESULTS`` prints every run's state (reidlib.experiments.status).
 
 A run is complete when its ``metrics.json`` exists and its resolved ``config.yaml`` equals the
 config the sweep would run now (keys in :data:`REUSE_IGNORE` aside: where things live, how often to
@@ -34,7 +34,7 @@ results folder never run the same combination twice.
 
 From Python::
 
-    from reidlib.sweep import run_sweep
+    from reidlib.experiments.sweep import run_sweep
     report = run_sweep(["market1501"], ["baseline", "proposed"], [0, 1], data_roots="data/synth",
                        results_root="results/try", base_config="tiny")
     print(report.format())
@@ -56,14 +56,15 @@ from pathlib import Path
 
 import yaml
 
+from ..config import config_diff, dataset_keys, to_dict
+from ..engine.checkpoint import RESUME_IGNORE
 from .claims import claim_run, owner_record, read_claim, release_claim
-from .config import METHODS, config_diff, dataset_keys, method_config, run_dir, to_dict
-from .engine.checkpoint import RESUME_IGNORE
 from .launch import LAUNCHERS, gpu_slots, make_executor, train_run, worker_environment
+from .layout import run_dir
 
 # Shipped inside the package (``notebooks/`` at the top of a clone links here), so an installed
 # reidlib runs the sweep and the demo without a clone.
-NOTEBOOK_DIR = Path(__file__).resolve().parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"   # reidlib/notebooks
 TRAIN_NOTEBOOK = NOTEBOOK_DIR / "train_eval.ipynb"
 COMPARE_NOTEBOOK = NOTEBOOK_DIR / "compare.ipynb"
 ATTENTION_NOTEBOOK = NOTEBOOK_DIR / "attention.ipynb"
@@ -95,6 +96,7 @@ def run_config(dataset: str, method: str, seed: int, data_root: str | None = Non
             f"output_dir={output_dir or run_dir(results_root, dataset, method, seed)}"]
     if data_root:
         keys.append(f"data.root={data_root}")
+    from ..methods import method_config  # torch: only when a config is made
     return method_config(method, keys + list(overrides or []), base=base_config)
 
 
@@ -260,7 +262,7 @@ def run_complete(folder: Path, expected: dict, test_on=()) -> bool:
 def _missing_cross(folder: Path, test_on) -> list[str]:
     if not test_on:
         return []
-    from .engine.cross import parse_targets, read_cross  # torch: only when there is a cross evaluation
+    from .cross import parse_targets, read_cross  # torch: only when there is a cross evaluation
     tested = read_cross(folder).get("tested_on", {})
     return [name for name in parse_targets(test_on) if name not in tested]
 
@@ -268,7 +270,7 @@ def _missing_cross(folder: Path, test_on) -> list[str]:
 def train_or_reuse(cfg, dataset=None, nproc: int = 1) -> dict:
     """What train_eval.ipynb calls: the run's metrics, from its folder when it already finished
     with this very config (e.g. only its cross-data-set evaluation was missing), else trained, in
-    this process or with torchrun over ``nproc`` processes (:func:`~reidlib.launch.train_run`)."""
+    this process or with torchrun over ``nproc`` processes (:func:`~reidlib.experiments.launch.train_run`)."""
     folder = Path(cfg.output_dir)
     if (folder / "metrics.json").is_file() and not finished_run_diff(folder, to_dict(cfg)):
         logging.getLogger("reidlib").info("%s: finished with this config, reusing its metrics.json", folder)
@@ -367,7 +369,7 @@ def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Pat
     ``gpus_per_run`` of them with CUDA_VISIBLE_DEVICES (``jobs`` None: as many workers as groups);
     ``gpus_per_run`` > 1 trains each run with torchrun. ``launcher="slurm"`` submits each run as a
     submitit job (``slurm``: partition, time_min, account, cpus_per_run), ``"local-submitit"``
-    runs the jobs as local processes. Each run is claimed before it starts (:mod:`reidlib.claims`),
+    runs the jobs as local processes. Each run is claimed before it starts (:mod:`reidlib.experiments.claims`),
     so sweeps sharing a results folder never run a combination twice. ``cross`` also tests each
     trained model on the sweep's other data sets (``cross_metrics.json`` in the run folder).
     Returns a :class:`SweepReport`; never raises for a failed run."""
@@ -558,7 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(complete runs are skipped), then notebooks/compare.ipynb.")
     parser.add_argument("--datasets", nargs="+", help="e.g. market1501 dukemtmc msmt17 (required unless --status)")
     parser.add_argument("--methods", nargs="+", default=["baseline", "proposed"],
-                        help=f"any of {', '.join(METHODS)} (default: baseline proposed)")
+                        help="registered methods or their variants (python -m reidlib methods lists them; "
+                             "default: baseline proposed)")
+    parser.add_argument("--plugins", nargs="+", default=[], metavar="FILE.py|MODULE",
+                        help="files or modules that register methods of your own; every run imports them too")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
     parser.add_argument("--data-root", nargs="+", metavar="DIR|NAME=DIR",
                         help="data folder for all data sets, or NAME=DIR per data set "
@@ -611,9 +616,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.datasets:
         parser.error("--datasets is required (or --status RESULTS)")
-    unknown = [m for m in args.methods if m not in METHODS]
+    from ..methods import load_plugins, variant_names  # torch: only once a sweep is asked for
+    load_plugins(args.plugins)
+    unknown = [m for m in args.methods if m not in variant_names()]
     if unknown:
-        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(variant_names())}")
+    if args.plugins:   # absolute paths: runs start in other folders and processes
+        files = [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugins]
+        args.overrides = [f"plugins=[{', '.join(files)}]", *args.overrides]
     for notebook in [args.notebook] + ([] if args.no_compare else [str(COMPARE_NOTEBOOK)]):
         if not Path(notebook).is_file():
             raise SystemExit(f"notebook {notebook} not found: run from a clone of the repository "

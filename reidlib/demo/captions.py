@@ -1,15 +1,15 @@
 """Captions of generated people: a sentence from a person's drawn attributes, in several phrasings.
 
-The generator (:mod:`reidlib.data.synth`) knows what it drew: hair style and colour or a cap, the
+The generator (:mod:`reidlib.demo.synth`) knows what it drew: hair style and colour or a cap, the
 upper body's colour, pattern, second colour and sleeves, the lower garment and its colour, shoes
 and a bag. :func:`describe` turns those into one sentence, with a colour name for each palette
 entry (the names below are index-aligned with synth's palettes) and one of several phrasings, as
 alt texts on the web describe the same kind of picture in different words. They are the text half
-of the image-caption pairs a miniature CLIP is pretrained on (:mod:`reidlib.engine.pretrain`).
+of the image-caption pairs a miniature CLIP is pretrained on (:mod:`reidlib.demo.pretrain`).
 
 Example::
 
-    who = make_identity(0, 7)                       # reidlib.data.synth
+    who = make_identity(0, 7)                       # reidlib.demo.synth
     describe(who, np.random.default_rng(1))
     # 'a pedestrian wearing a pink long-sleeved shirt with a white chest band and navy shorts, with
     #  short brown hair, white shoes and a blue backpack'
@@ -70,7 +70,7 @@ def _bag(who: dict) -> str | None:
 
 
 def describe(who: dict, rng: np.random.Generator) -> str:
-    """One caption of person ``who`` (a :func:`~reidlib.data.synth.make_identity` dict), in a
+    """One caption of person ``who`` (a :func:`~reidlib.demo.synth.make_identity` dict), in a
     phrasing drawn from ``rng``; every phrasing names every attribute.
 
     >>> who = {"hair_style": 1, "pattern": 1, "short_sleeves": True, "lower_style": 1, "bag": 1,

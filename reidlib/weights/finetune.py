@@ -1,15 +1,19 @@
-"""Fine-tuning from a trained re-ID model: ``model.pretrained=`` naming a reidlib or reference checkpoint.
+"""Fine-tuning from a trained re-ID model: ``model.pretrained=`` naming a reidlib model (folder or
+checkpoint) or a reference state dict.
 
 The image and text encoders, the BNNeck and the shared prompt vectors are taken from the trained
 model; what belongs to its identities (the two classifiers, the per-identity prompts) and to its
 cameras (the SIE table) is re-initialised for the new data set, whose identity count may differ.
 LoRA adapters of the trained model are folded into its weights first, so the new model starts
-from exactly the trained encoder, with or without LoRA of its own.
+from exactly the trained encoder, with or without LoRA of its own. Only tensors are read here;
+:func:`take_trained_weights` copies them into any model with ``state_dict`` / ``load_state_dict``
+(the model package builds it and calls this).
 
 Example::
 
-    cfg = load_config("vit_clipreid", ["model.pretrained=runs/market/model_final.pt"])
-    model = build_model(cfg.model, num_classes=120, num_cameras=4)   # logs what was taken
+    cfg = load_config("vit_clipreid", ["model.pretrained=runs/market/model"])
+    source = read_trained_source(cfg.model)          # None for CLIP weights, a tag or none
+    model = build_model(cfg.model, num_classes=120, num_cameras=4)   # calls take_trained_weights
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from ..config import config_from_dict
 from .lora import fold_lora_state
 from .reference import convert_reference, is_reference_state
+from .trained import read_trained, trained_folder
 
 log = logging.getLogger("reidlib")
 
@@ -36,7 +41,7 @@ _GROUPS = (("visual.", "image encoder"), ("text.", "text encoder"), ("bottleneck
 class TrainedSource:
     """The trained model a new one starts from."""
     path: str
-    kind: str                 # "reidlib checkpoint" | "CLIP-ReID reference state dict"
+    kind: str                 # "reidlib model folder" | "reidlib checkpoint" | "CLIP-ReID reference state dict"
     name: str                 # its architecture (model.name)
     quick_gelu: bool
     state: dict               # plain reidlib keys, LoRA folded
@@ -57,14 +62,21 @@ def _peek(path: Path):
 def read_trained_source(model_cfg) -> TrainedSource | None:
     """The trained re-ID model ``model_cfg.pretrained`` names, or None (CLIP weights, a tag, none)."""
     choice = str(model_cfg.pretrained).strip()
-    if choice.lower() in ("", "none", "openai") or not Path(choice).expanduser().is_file():
+    if choice.lower() in ("", "none", "openai"):
         return None
     path = Path(choice).expanduser()
-    blob = _peek(path)
+    folder = trained_folder(path) is not None
+    if folder:
+        blob = read_trained(path)
+    elif path.is_file():
+        blob = _peek(path)
+    else:
+        return None
     if isinstance(blob, dict) and "model" in blob and "config" in blob:
         saved = config_from_dict(blob["config"]).model
         state = fold_lora_state(dict(blob["model"]), saved.lora.alpha, saved.lora.rslora)
-        return TrainedSource(str(path), "reidlib checkpoint", saved.name, bool(blob["quick_gelu"]), state)
+        kind = "reidlib model folder" if folder else "reidlib checkpoint"
+        return TrainedSource(str(path), kind, saved.name, bool(blob["quick_gelu"]), state)
     if is_reference_state(blob):
         ref = convert_reference(blob, model_cfg, source=f"model.pretrained={path}")
         state = fold_lora_state(ref.state, model_cfg.lora.alpha, ref.model_cfg.lora.rslora)

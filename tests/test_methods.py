@@ -1,0 +1,155 @@
+"""Methods as plug-ins: the registry, the built-in methods' variants, and a method defined outside
+the package (tests/plugins/plain_method.py) that trains, resumes, evaluates and sweeps through the
+public API like the built-in ones."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import reidlib
+from reidlib.config import config_from_dict, load_config, to_dict
+from reidlib.data import load_dataset
+from reidlib.eval.extract import evaluate_model
+from reidlib.experiments import run_dir, run_sweep
+from reidlib.files import load_checkpoint
+from reidlib.methods import (
+    get_method,
+    load_plugins,
+    method_config,
+    method_names,
+    run_label,
+    variant_names,
+)
+from reidlib.runtime import setup_runtime
+
+PLUGIN = Path(__file__).parent / "plugins" / "plain_method.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_cfg(root, out, *extra):
+    return method_config("plain", [f"plugins=[{PLUGIN}]", f"data.root={root}", f"output_dir={out}", "device=cpu",
+                                   "stage2.epochs=4", "stage2.steps=[3]", "stage2.ims_per_batch=16",
+                                   "stage2.checkpoint_period=1", *extra], base="tiny")
+
+
+# --------------------------------------------------------------------------- registry and variants
+
+def test_builtin_variants_are_the_thesis_table():
+    assert method_names()[:2] == ["clipreid", "thesis"]
+    assert {"baseline", "proposed", "deep_only", "lora_only", "clipreid", "thesis"} <= set(variant_names())
+    settings = {}
+    for variant in ["baseline", "proposed", "deep_only", "lora_only"]:
+        cfg = method_config(variant, base="tiny")
+        settings[variant] = (cfg.method, cfg.model.prompt, cfg.model.lora.enabled, run_label(cfg))
+    assert settings == {"baseline": ("clipreid", "clipreid", False, "baseline"),
+                        "proposed": ("thesis", "deep", True, "proposed"),
+                        "deep_only": ("thesis", "deep", False, "deep_only"),
+                        "lora_only": ("thesis", "clipreid", True, "lora_only")}
+    # at full scale each variant starts from its own YAML: LoRA alone keeps CLIP-ReID's stage-1 LR
+    assert method_config("lora_only").stage1.lr == 3.5e-4 and method_config("proposed").stage1.lr == 5e-4
+
+
+def test_clipreid_refuses_the_thesis_settings_before_writing_anything(tmp_path):
+    cfg = load_config("tiny", ["model.prompt=deep", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="model.prompt=deep is the thesis's addition.*method=thesis"):
+        reidlib.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_method_or_option_is_one_line_with_a_hint(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'thesys': did you mean 'thesis'"):
+        reidlib.train(load_config("tiny", ["method=thesys", f"output_dir={tmp_path}"]))
+    load_plugins([PLUGIN])
+    cfg = load_config("tiny", ["method=plain", "options.margn=0.5"])
+    with pytest.raises(ValueError, match="options.margn is not a setting of method plain; did you mean options.margin"):
+        get_method("plain").check(cfg)
+    cfg = load_config("tiny", ["method=plain", "options.margin=abc"])
+    with pytest.raises(ValueError, match="options.margin' wants a number"):
+        get_method("plain").check(cfg)
+    assert get_method("plain").options(load_config("tiny", ["method=plain", "options.margin=0.5"])).margin == 0.5
+
+
+def test_configs_saved_before_methods_existed_name_their_method():
+    proposed = to_dict(method_config("proposed", base="tiny"))
+    del proposed["method"]
+    assert config_from_dict(proposed).method == "thesis"
+    baseline = to_dict(method_config("baseline", base="tiny"))
+    del baseline["method"], baseline["plugins"], baseline["options"]
+    assert config_from_dict(baseline).method == "clipreid"
+
+
+def test_methods_command_lists_one_line_each():
+    out = subprocess.run([sys.executable, "-m", "reidlib", "methods", "--plugins", str(PLUGIN)],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout.splitlines()
+    assert [line.split()[0] for line in out] == ["clipreid", "thesis", "plain"]
+    assert "[proposed, deep_only, lora_only]" in out[1]
+    detail = subprocess.run([sys.executable, "-m", "reidlib", "methods", "plain", "--plugins", str(PLUGIN)],
+                            capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "stage 1: image encoder" in detail and "options.margin = 0.3" in detail
+
+
+# --------------------------------------------------------------------------- a plug-in, end to end
+
+class Killed(Exception):
+    pass
+
+
+def test_a_plugin_method_learns_resumes_bit_identically_and_reloads(synth_root, tmp_path, monkeypatch, one_thread):
+    straight_cfg = plain_cfg(synth_root, tmp_path / "straight")
+    dataset = load_dataset("market1501", synth_root)
+    torch.manual_seed(straight_cfg.seed)
+    untrained = reidlib.methods.build(straight_cfg, dataset.num_train_pids, dataset.num_train_cams)
+    before = evaluate_model(untrained, dataset, straight_cfg, setup_runtime(straight_cfg), progress=False)
+    straight = reidlib.train(straight_cfg)
+    assert straight["mAP"] > before["mAP"] + 0.05, (before["mAP"], straight["mAP"])
+
+    summary = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert summary["method"] == "plain"
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "loss" in r]
+    assert [(r["stage"], r["epoch"]) for r in epochs] == [(1, 1), (1, 2), (1, 3), (1, 4)]
+    assert {"id_loss", "tri_loss"} <= set(epochs[0])
+
+    stage_class = type(get_method("plain").stages(straight_cfg)[0])
+    original = stage_class.train_epoch
+
+    def dies_in_epoch_3(self, ctx, optimizer, epoch):
+        if epoch == 2:
+            raise Killed()
+        return original(self, ctx, optimizer, epoch)
+
+    monkeypatch.setattr(stage_class, "train_epoch", dies_in_epoch_3)
+    resumed_cfg = plain_cfg(synth_root, tmp_path / "resumed")
+    with pytest.raises(Killed):
+        reidlib.train(resumed_cfg)
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint_*.pt")) == ["checkpoint_stage1_e002.pt"]
+    monkeypatch.setattr(stage_class, "train_epoch", original)
+    assert reidlib.train(resumed_cfg) == straight
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_stage1_e004.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint_stage1_e004.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the trained model comes back through the registry and tests to the same numbers
+    tested = reidlib.test(plain_cfg(synth_root, tmp_path / "tested"), weights=str(final_model(tmp_path / "straight")))
+    assert tested["mAP"] == pytest.approx(straight["mAP"], abs=1e-6)
+
+
+def final_model(run: Path) -> Path:
+    """The run's trained model: the model folder, or model_final.pt as reidlib 0.2 wrote it."""
+    return run / "model" if (run / "model").is_dir() else run / "model_final.pt"
+
+
+@pytest.mark.slow
+def test_a_plugin_method_runs_in_a_sweep(synth_root, tmp_path):
+    """train_eval.ipynb in its own kernel imports the plug-in from the run's config."""
+    root = tmp_path / "results"
+    report = run_sweep(["market1501"], ["plain"], [0], data_roots=str(synth_root), results_root=root,
+                       base_config="tiny", device="cpu", compare_notebook=None, echo=lambda text: None,
+                       overrides=[f"plugins=[{PLUGIN}]", "stage2.epochs=1", "stage2.steps=[1]",
+                                  "stage2.ims_per_batch=16"])
+    assert report.ok and len(report.ran) == 1
+    metrics = json.loads((run_dir(root, "market1501", "plain", 0) / "metrics.json").read_text())
+    assert metrics["method"] == "plain" and 0 < metrics["mAP"] <= 1
