@@ -10,8 +10,8 @@ GPUs and TensorRT; the output stays fp32).
 Example::
 
     from reidlib.export import export_model
-    export_model("model_final.pt", "model.onnx")                       # fp32 ONNX, dynamic batch
-    export_model("model_final.pt", "model.pt", format="torchscript")   # torch.jit.load("model.pt")
+    export_model("run/model", "model.onnx")                             # fp32 ONNX, dynamic batch
+    export_model("run/model", "model.pt", format="torchscript")          # torch.jit.load("model.pt")
     export_model("ViT-B-16_60.pth", "reid_fp16.onnx", half=True)       # a reference state dict, fp16
 """
 from __future__ import annotations

@@ -306,9 +306,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def require_file(path) -> Path:
-    """``path`` as a Path when it is a file; else FileNotFoundError saying to pass weights=PATH."""
+    """``path`` as a Path when it is a file or a folder (a trained model's); else FileNotFoundError
+    saying to pass weights=PATH."""
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):
         raise FileNotFoundError(f"checkpoint not found: {path}; pass weights=PATH to an existing file")
     return path
 

@@ -15,7 +15,7 @@ file), in two edge cases where the old rule disagreed with the evaluation:
 
 Example::
 
-    cfg = load_config("vit_proposed", ["test.weights=runs/x/model_final.pt"])
+    cfg = load_config("vit_proposed", ["test.weights=runs/x/model"])
     extract_folder(cfg, "my_images/", "feats.npz")               # features, paths, pids, camids
     ranked = search(cfg, "person.jpg", "feats.npz", top=10, grid="grid.png")
 """
@@ -38,9 +38,11 @@ log = logging.getLogger("reidlib")
 def _require_weights(cfg) -> None:
     """Fail before any work when the weights are missing."""
     if not cfg.test.weights:
-        raise ValueError("no weights given: pass weights=PATH (a model_final.pt, checkpoint or reference state dict)")
-    if not Path(cfg.test.weights).is_file():
-        raise FileNotFoundError(f"weights not found: {cfg.test.weights}; pass weights=PATH to a trained model_final.pt")
+        raise ValueError("no weights given: pass weights=PATH (a run's model folder, a checkpoint or a "
+                         "reference state dict)")
+    if not Path(cfg.test.weights).exists():
+        raise FileNotFoundError(f"weights not found: {cfg.test.weights}; pass weights=PATH to a trained model "
+                                "(a run's model folder)")
 
 
 def _extractor_for(cfg) -> FeatureExtractor:

@@ -34,6 +34,7 @@ from reidlib.files import CheckpointError, NotAReidlibCheckpoint, load_checkpoin
 from reidlib.methods import method_config
 from reidlib.model.io import load_trained_model
 from reidlib.optim.nonfinite import NonFiniteError, non_finite_entries
+from reidlib.weights import read_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +179,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(synth_root, tmp_
         reidlib.train(cfg)
     assert [p.name for p in tmp_path.glob("checkpoint_*.pt")] == ["checkpoint_stage1_e001.pt"]
     assert non_finite_entries(load_checkpoint(tmp_path / "checkpoint_stage1_e001.pt")["model"]) == []
-    assert not (tmp_path / "model_final.pt").exists()
+    assert not (tmp_path / "model").exists()
     assert [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("stage") == 2] == []
 
 
@@ -208,16 +209,16 @@ def test_the_final_model_is_saved_before_the_evaluation(synth_root, tmp_path, mo
     monkeypatch.setattr("reidlib.engine.trainer.evaluate_model", fails)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         reidlib.train(tiny(synth_root, tmp_path))
-    state = load_checkpoint(tmp_path / "model_final.pt")
+    state = read_trained(tmp_path / "model")
     assert "metrics" not in state and not (tmp_path / "metrics.json").exists()
-    model, _ = load_trained_model(tmp_path / "model_final.pt")
+    model, _ = load_trained_model(tmp_path / "model")
     assert model.feature_dim > 0
 
 
 def test_the_final_model_records_its_metrics(tiny_trained):
     _, out = tiny_trained
     saved = json.loads((out / "metrics.json").read_text())
-    state = load_checkpoint(out / "model_final.pt")
+    state = read_trained(out / "model")
     assert state["metrics"]["mAP"] == saved["mAP"] and state["metrics"]["cmc"] == saved["cmc"]
     assert {"model", "config", "num_classes"} <= set(state)
 
@@ -366,7 +367,7 @@ def test_rn50_normalises_with_imagenet_statistics():
 def test_extraction_is_fp32_unless_asked(tiny_trained):
     cfg, out = tiny_trained
     assert cfg.test.precision == "fp32" and cfg.precision == "auto"
-    model, _ = load_trained_model(out / "model_final.pt")
+    model, _ = load_trained_model(out / "model")
     items = load_dataset("market1501", cfg.data.root).query
     feats = {p: extract_features(model, items, load_config("tiny", [f"test.precision={p}", "device=cpu"]),
                                  progress=False)[0] for p in ("fp32", "bf16")}

@@ -1,8 +1,11 @@
+
 """The benchmarks run end to end (their figures come from a GPU or an idle machine, not from here)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +16,7 @@ def _run(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_train_bench_tiny_prints_every_phase():
     done = _run("bench/train_bench.py", "--tiny", "--device", "cpu")
     assert done.returncode == 0, done.stderr[-3000:]

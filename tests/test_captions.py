@@ -5,8 +5,8 @@ import csv
 import numpy as np
 import pytest
 
-from reidlib.data import captions as cap
 from reidlib.data import load_dataset
+from reidlib.demo import captions as cap
 from reidlib.demo.synth import (
     CAPTIONS_CSV,
     CLOTHES,

@@ -17,6 +17,7 @@ from reidlib.methods import method_config
 from reidlib.methods.clipreid import ImageEncoderStage
 from reidlib.model import build_model
 from reidlib.optim.schedule import warmup_multistep
+from reidlib.weights import read_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,7 @@ def trained_run(demo_root, tmp_path_factory):
     return cfg, out, metrics
 
 
+@pytest.mark.slow
 def test_stage1_lowers_its_loss(trained_run):
     _, out, _ = trained_run
     losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r.get("stage") == 1 and "loss" in r]
@@ -59,6 +61,7 @@ def test_stage1_lowers_its_loss(trained_run):
     assert all(b <= a + 1e-3 for a, b in zip(losses, losses[1:])), losses
 
 
+@pytest.mark.slow
 def test_stage2_raises_map_well_above_untrained(trained_run, demo_root):
     cfg, out, metrics = trained_run
     dataset = load_dataset("market1501", demo_root)
@@ -74,9 +77,10 @@ def test_stage2_raises_map_well_above_untrained(trained_run, demo_root):
     assert len(saved["cmc"]) >= 10
 
 
+@pytest.mark.slow
 def test_run_folder_contents(trained_run):
     _, out, _ = trained_run
-    assert (out / "config.yaml").is_file() and (out / "model_final.pt").is_file()
+    assert (out / "config.yaml").is_file() and (out / "model" / "model.safetensors").is_file()
     # only the newest resumable checkpoint is kept
     assert [p.name for p in out.glob("checkpoint_*.pt")] == ["checkpoint_stage2_e012.pt"]
     state = load_checkpoint(out / "checkpoint_stage2_e012.pt")
@@ -84,6 +88,7 @@ def test_run_folder_contents(trained_run):
     assert not {"sampler", "scheduler"} & set(state)  # resume derives both from (seed, epoch)
 
 
+@pytest.mark.slow
 def test_logged_lrs_follow_the_schedules(trained_run):
     cfg, out, _ = trained_run
     records = read_jsonl(out / "metrics.jsonl")
@@ -122,8 +127,8 @@ def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, monkeypatch)
     resumed = reidlib.train(interrupted)
 
     assert resumed == straight
-    a = load_checkpoint(tmp_path / "straight" / "model_final.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "model_final.pt")["model"]
+    a = read_trained(tmp_path / "straight" / "model")["model"]
+    b = read_trained(tmp_path / "resumed" / "model")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -141,7 +146,7 @@ def test_a_trained_model_tests_under_any_config(tiny_trained, caplog):
     trained = json.loads((out / "metrics.json").read_text())
     other = method_config("proposed", [f"data.root={cfg.data.root}", "device=cpu",
                                        f"output_dir={out / 'other'}"], base="tiny")
-    metrics = reidlib.test(other, weights=str(out / "model_final.pt"))
+    metrics = reidlib.test(other, weights=str(out / "model"))
     assert metrics["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
     assert "using the checkpoint's model settings" in caplog.text and "model.prompt" in caplog.text
 
@@ -152,18 +157,20 @@ def _run_cli(*args, env_extra=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_train_then_test(synth_root, tmp_path):
     out = tmp_path / "cli"
     keys = [f"data.root={synth_root}", f"output_dir={out}", "stage1.epochs=1", "stage2.epochs=1"]
     done = _run_cli("reidlib", "train", "tiny", *keys)
     assert done.returncode == 0, done.stderr[-2000:]
     trained = json.loads((out / "metrics.json").read_text())
-    done = _run_cli("reidlib", "test", "tiny", f"weights={out / 'model_final.pt'}", *keys[:2])
+    done = _run_cli("reidlib", "test", "tiny", f"weights={out / 'model'}", *keys[:2])
     assert done.returncode == 0, done.stderr[-2000:]
     tested = json.loads((out / "test_metrics.json").read_text())
     assert tested["mAP"] == pytest.approx(trained["mAP"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     done = _run_cli("reidlib", "train", "tiny", "stage2.epoch=3")
     assert done.returncode == 2 and "did you mean 'stage2.epochs'" in done.stderr
@@ -177,6 +184,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert done.returncode == 0 and "stage2.eval_period" in done.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(synth_root, tmp_path):
     out = tmp_path / "ddp"
     done = subprocess.run(

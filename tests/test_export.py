@@ -117,6 +117,7 @@ def test_readme_onnxruntime_lines_give_the_extractor_features(tmp_path, synth_ro
     assert _relative(namespace["feats"], expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_export_and_info(tmp_path, capsys):
     from reidlib.__main__ import main
     path, model = _saved(tmp_path, "model.sie_camera=true")

@@ -8,9 +8,9 @@ import torch
 
 import reidlib
 from reidlib.config import load_config
-from reidlib.files import load_checkpoint, save_checkpoint
+from reidlib.files import save_checkpoint
 from reidlib.model import build_model
-from reidlib.weights import model_record
+from reidlib.weights import model_record, read_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGES = torch.randn(3, 3, 128, 64, generator=torch.Generator().manual_seed(2))
@@ -72,6 +72,6 @@ def test_fine_tuning_with_another_identity_count_trains(trained, synth_root, tmp
     losses = [r["loss"] for r in records if "loss" in r]
     assert {r.get("stage") for r in records if "loss" in r} == {1, 2}
     assert losses and all(math.isfinite(v) for v in losses)
-    final = load_checkpoint(out / "model_final.pt")
+    final = read_trained(out / "model")
     assert final["num_classes"] == 12 and final["model"]["classifier.weight"].shape == (12, 64)
     assert 0 <= metrics["mAP"] <= 1

@@ -81,6 +81,7 @@ def test_configs_saved_before_methods_existed_name_their_method():
     assert config_from_dict(baseline).method == "clipreid"
 
 
+@pytest.mark.slow
 def test_methods_command_lists_one_line_each():
     out = subprocess.run([sys.executable, "-m", "reidlib", "methods", "--plugins", str(PLUGIN)],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout.splitlines()

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from reidlib import demo
+from reidlib.demo import run as demo
 from reidlib.experiments.sweep import run_dir, run_sweep
 
 pytestmark = pytest.mark.slow  # pretraining, notebooks, whole runs: `make test-fast` leaves them out
@@ -69,7 +69,7 @@ def test_run_folders(demo_run):
                 metrics = json.loads((folder / "metrics.json").read_text())
                 assert (metrics["dataset"], metrics["method"], metrics["seed"], len(metrics["cmc"])) == \
                     ("synth", method, seed, 50)
-                for name in ("config.yaml", "metrics.jsonl", "model_final.pt"):
+                for name in ("config.yaml", "metrics.jsonl", "model/model.safetensors"):
                     assert (folder / name).is_file(), name
                 assert (folder / "training_curves.png").stat().st_size > 20_000
                 model = yaml.safe_load((folder / "config.yaml").read_text())["model"]

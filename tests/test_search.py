@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def cfg(tiny_trained):
     cfg, out = tiny_trained
-    cfg.test.weights = str(out / "model_final.pt")
+    cfg.test.weights = str(out / "model")
     return cfg
 
 
@@ -77,6 +77,7 @@ def test_bad_inputs_are_clear(cfg, tmp_path):
         extract_folder(cfg, ROOT / "tests", tmp_path / "x.npz")
 
 
+@pytest.mark.slow
 def test_cli_extract_and_search(cfg, synth_root, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     common = ["tiny", f"weights={cfg.test.weights}"]

@@ -1,11 +1,10 @@
 """The fast paths the GPU uses, checked on the CPU: bf16 autocast and the uint8 image cache."""
 import torch
-from reidlib.engine.stage1 import cache_image_features
-from reidlib.engine.stage2 import make_loss
 
 import reidlib
 from reidlib.data import TrainBatches, TrainImageCache, load_dataset
 from reidlib.losses import stage1_loss
+from reidlib.methods.clipreid import cache_image_features, make_loss
 from reidlib.model import build_model
 from reidlib.runtime import Runtime
 

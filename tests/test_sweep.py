@@ -78,6 +78,7 @@ def fake_notebook(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_runs_and_failures_are_reported(tmp_path, fake_notebook):
     root = tmp_path / "results"
     kwargs = dict(data_roots={"market1501": "/data/m"}, results_root=root, overrides=["stage2.epochs=1"],
@@ -103,6 +104,7 @@ def test_rerun_skips_complete_runs_and_failures_are_reported(tmp_path, fake_note
     assert "1 already complete, 1 to run" in lines[0] and "complete, skipped" in lines[1]
 
 
+@pytest.mark.slow
 def test_cli_exit_status(tmp_path, fake_notebook, capsys):
     args = ["--datasets", "market1501", "--methods", "baseline", "--seeds", "13", "--results",
             str(tmp_path / "r"), "--notebook", str(fake_notebook), "--no-compare"]
@@ -132,6 +134,7 @@ def _collected_overrides(root):
     return [json.loads((Path(p) / "metrics.json").read_text())["overrides"] for p in collect_metrics(root)["path"]]
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_other_settings_is_moved_aside_and_rerun(tmp_path, fake_notebook):
     root = tmp_path / "results"
     kwargs = dict(results_root=root, notebook=fake_notebook, compare_notebook=None, echo=lambda text: None)
@@ -158,6 +161,7 @@ def test_a_finished_run_with_other_settings_is_moved_aside_and_rerun(tmp_path, f
     assert same.ran == [] and same.superseded == []
 
 
+@pytest.mark.slow
 def test_strict_refuses_to_sweep_over_runs_with_other_settings(tmp_path, fake_notebook, capsys):
     args = ["--datasets", "market1501", "--methods", "baseline", "--seeds", "0", "--results",
             str(tmp_path / "r"), "--notebook", str(fake_notebook), "--no-compare"]
@@ -171,6 +175,7 @@ def test_strict_refuses_to_sweep_over_runs_with_other_settings(tmp_path, fake_no
     assert not (tmp_path / "r" / "superseded").exists()
 
 
+@pytest.mark.slow
 def test_a_real_sweep_rerun_with_other_settings_reports_only_them(synth_root, tmp_path):
     """train_eval.ipynb itself, on the tiny config with one epoch per stage."""
     root = tmp_path / "results"
@@ -196,6 +201,7 @@ def _results(root, runs):
     return {(d, m, s): json.loads((run_dir(root, d, m, s) / "metrics.json").read_text()) for d, m, s in runs}
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_at_once_run_each_combination_once(tmp_path, fake_notebook):
     root, log = tmp_path / "results", tmp_path / "executions.log"
     args = [sys.executable, "-m", "reidlib", "sweep", "--datasets", "market1501", "dukemtmc", "--methods",
@@ -216,6 +222,7 @@ def test_two_sweeps_started_at_once_run_each_combination_once(tmp_path, fake_not
     assert sum(ran) == 4, outputs
 
 
+@pytest.mark.slow
 def test_a_failed_run_in_one_worker_does_not_stop_the_other(tmp_path, fake_notebook, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     root = tmp_path / "results"
@@ -233,6 +240,7 @@ def test_a_failed_run_in_one_worker_does_not_stop_the_other(tmp_path, fake_noteb
     assert "1 done, 1 failed" in out and "broken on purpose" in out
 
 
+@pytest.mark.slow
 def test_gpu_workers_are_pinned_and_runs_get_their_process_count(tmp_path, fake_notebook):
     root = tmp_path / "results"
     report = run_sweep(["market1501"], ["baseline"], [0, 1], results_root=root, notebook=fake_notebook,
@@ -280,6 +288,7 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert claim_run(folder) is None and run_state(folder)[0] == "running"  # never taken from another host
 
 
+@pytest.mark.slow
 def test_a_killed_sweeps_stale_claim_does_not_block_the_next_sweep(tmp_path, fake_notebook):
     root = tmp_path / "results"
     folder = run_dir(root, "market1501", "baseline", 0)
@@ -291,6 +300,7 @@ def test_a_killed_sweeps_stale_claim_does_not_block_the_next_sweep(tmp_path, fak
     assert len(report.ran) == 1 and not (folder / "claim.json").exists()
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_a_two_run_sweep(tmp_path, fake_notebook):
     root = tmp_path / "results"
     lines = []
@@ -321,6 +331,7 @@ def test_slurm_executor_writes_the_job_script_asked_for(tmp_path, monkeypatch):
         make_executor("local", tmp_path)
 
 
+@pytest.mark.slow
 def test_jobs_2_equals_jobs_1_and_the_cross_matrix(synth_root, tmp_path, monkeypatch):
     """train_eval.ipynb itself on two generated data sets, with --cross: the parallel sweep gives
     the sequential one's numbers, and the matrix is 2 x 2 with the in-domain runs on its diagonal."""

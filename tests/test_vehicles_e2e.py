@@ -12,8 +12,8 @@ import reidlib
 from reidlib.data import load_dataset
 from reidlib.demo.synth import generate_vehicleid, generate_veri
 from reidlib.eval.extract import MARKET_PROTOCOL, SAME_IMAGE_PROTOCOL
-from reidlib.files import load_checkpoint
 from reidlib.methods import method_config
+from reidlib.weights import read_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -36,14 +36,14 @@ def test_veri_with_camera_and_view_sie_trains_and_tests(veri_root, tmp_path):
     assert data.num_views >= 2 and data.num_train_cams == 3
     metrics = reidlib.train(cfg)
     assert metrics["protocol"] == MARKET_PROTOCOL and 0 < metrics["mAP"] <= 1
-    state = load_checkpoint(tmp_path / "run" / "model_final.pt", map_location="cpu")
+    state = read_trained(tmp_path / "run" / "model")
     assert (state["num_cameras"], state["num_views"]) == (3, data.num_views)
     assert state["model"]["sie_embed"].shape[0] == 3 * data.num_views
     # the saved model tests to the same numbers: views reach the extractor from the data set
-    again = reidlib.test(cfg, weights=str(tmp_path / "run" / "model_final.pt"))
+    again = reidlib.test(cfg, weights=str(tmp_path / "run" / "model"))
     assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
     # the view table matters: testing with every view id replaced by 0 changes the features
-    model, _ = reidlib.load_trained_model(tmp_path / "run" / "model_final.pt")
+    model, _ = reidlib.load_trained_model(tmp_path / "run" / "model")
     extractor = reidlib.FeatureExtractor.from_model(model, cfg)
     items = data.query[:4]
     real = extractor.extract_items(items, progress=False, views=data.view_ids(items))[0]
@@ -89,7 +89,7 @@ def test_folder_without_cameras_trains_tests_and_searches(synth_root, tmp_path):
     cfg = _cfg(root, tmp_path / "run", "data.dataset=folder")
     metrics = reidlib.train(cfg)
     assert metrics["protocol"] == SAME_IMAGE_PROTOCOL and 0 < metrics["mAP"] <= 1
-    weights = tmp_path / "run" / "model_final.pt"
+    weights = tmp_path / "run" / "model"
     tested = reidlib.test(cfg, weights=str(weights))
     assert tested["protocol"] == SAME_IMAGE_PROTOCOL and tested["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
     # search: a query that is also in the gallery folder never finds itself; its identity's other

@@ -180,7 +180,8 @@ def _compare(results: Path, echo) -> Path | None:
 def _attention(args, results: Path, root: Path, data, echo) -> bool:
     """attention.ipynb on the runs from the miniature: attention maps and retrieval grids."""
     pretrained = results / GROUPS["pretrained miniature"]
-    if not all((run_dir(pretrained, DATASET, m, args.seeds[0]) / "model_final.pt").is_file() for m in args.methods):
+    from ..weights import has_final_model
+    if not all(has_final_model(run_dir(pretrained, DATASET, m, args.seeds[0])) for m in args.methods):
         return True  # a failed run is reported already
     out_nb = results / "runs" / "attention.ipynb"
     echo(f"attention maps and retrieval grids: {ATTENTION_NOTEBOOK} -> {out_nb}")

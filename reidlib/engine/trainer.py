@@ -1,7 +1,8 @@
 """The run users start: ``reidlib.train(cfg)`` (any registered method) and ``reidlib.test(cfg)``.
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
-epoch and evaluation), resumable checkpoints, ``model_final.pt`` and ``metrics.json`` (the final
+epoch and evaluation), resumable checkpoints, ``model/`` (the trained model: ``model.safetensors``
+and its card ``config.json``) and ``metrics.json`` (the final
 model's test metrics: the model is never selected on the test set).
 
 Example::
@@ -27,6 +28,8 @@ from ..methods import build as build_method_model
 from ..model.io import load_trained_model, model_record
 from ..optim import check_finite_weights
 from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime
+from ..weights import final_model, save_trained
+from ..weights.trained import MODEL_FOLDER
 from .checkpoint import (
     RESUME_IGNORE,
     capture_rng_state,
@@ -82,12 +85,15 @@ def _count_over_ranks(indices: list[int], runtime: Runtime) -> int:
 
 def _final_record(model, cfg: Config, dataset) -> dict:
     """The model and its card, as every checkpoint of a run holds them."""
-    return model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, num_views=dataset.num_views,
-                        dataset=dataset)
+    record = model_record(model, cfg, dataset.num_train_pids, dataset.num_train_cams, num_views=dataset.num_views,
+                          dataset=dataset)
+    return {**record, "method": run_label(cfg)}
 
 
 def _save_final(runtime: Runtime, record: dict) -> None:
-    save_checkpoint(runtime.output_dir / "model_final.pt", record)
+    """The trained model as a folder: model.safetensors + config.json (the card), read without pickle."""
+    card = {k: v for k, v in record.items() if k != "model"}
+    save_trained(final_model(runtime.output_dir).with_name(MODEL_FOLDER), record["model"], card)
 
 
 def train(cfg: Config, dataset=None) -> dict:
@@ -96,7 +102,7 @@ def train(cfg: Config, dataset=None) -> dict:
 
     Before any training: the output folder must be writable, stage 2's P x K batches possible and
     at least one query scorable (:mod:`~reidlib.engine.preflight`). A non-finite loss stops the
-    run; ``model_final.pt`` is written before the final evaluation and again with its metrics."""
+    run; the model folder is written before the final evaluation and again with its metrics."""
     method = method_for(cfg)
     method.check(cfg)     # before anything is written: a setting the method cannot train with
     runtime = setup_runtime(cfg)
@@ -151,7 +157,8 @@ def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
     """Evaluate a trained model (``weights`` or ``cfg.test.weights``) on the configured data set."""
     weights = weights or cfg.test.weights
     if not weights:
-        raise ValueError("no weights given: pass weights=PATH (a model_final.pt or checkpoint)")
+        raise ValueError("no weights given: pass weights=PATH (a run's model folder, a checkpoint or a "
+                         "reference state dict)")
     require_file(weights)
     runtime = setup_runtime(cfg)
     dataset = dataset or dataset_from_config(cfg)

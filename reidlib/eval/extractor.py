@@ -68,7 +68,7 @@ class FeatureExtractor:
     Example::
 
         from reidlib import FeatureExtractor
-        extractor = FeatureExtractor("model_final.pt", device="cuda", precision="bf16", batch_size=256)
+        extractor = FeatureExtractor("run/model", device="cuda", precision="bf16", batch_size=256)
         feats = extractor(["a.jpg", "b.jpg"], cameras=[0, 3])       # torch.float32 [2, D], input order
         feats = extractor(crops, bgr=True)                          # OpenCV H×W×3 uint8 crops
         feats = extractor(batch)                                    # [N, 3, H, W], already normalised

@@ -24,6 +24,7 @@ from ..files import write_json
 from ..methods import run_label
 from ..model.io import load_trained_model
 from ..runtime import setup_runtime
+from ..weights import final_model
 
 log = logging.getLogger("reidlib")
 
@@ -55,7 +56,7 @@ def read_cross(folder: str | Path) -> dict:
 
 
 def cross_evaluate(cfg: Config, test_on, weights: str | Path | None = None) -> dict:
-    """Test the run's final model (``weights``, default ``<output_dir>/model_final.pt``) on every
+    """Test the run's final model (``weights``, default the run's model folder) on every
     data set of ``test_on`` (see :func:`parse_targets`) with the run's test settings; returns
     {data set: metrics} for all of them and writes them to ``<output_dir>/cross_metrics.json``."""
     targets = parse_targets(test_on)
@@ -65,7 +66,7 @@ def cross_evaluate(cfg: Config, test_on, weights: str | Path | None = None) -> d
     todo = {name: root for name, root in targets.items() if name not in record["tested_on"]}
     if not todo:
         return {name: record["tested_on"][name] for name in targets}
-    weights = Path(weights or out / "model_final.pt")
+    weights = Path(weights or final_model(out))
     runtime = setup_runtime(cfg)
     model, _ = load_trained_model(weights, cfg, device=runtime.device)
     if getattr(model, "sie_cameras", 0) and cfg.test.default_camera < 0:

@@ -20,12 +20,14 @@ def run_dir(results_root: str | Path, dataset: str, method: str, seed: int) -> P
 
 
 def load_run_models(results_root: str | Path, dataset: str, methods, seed: int, device: str = "cpu") -> dict:
-    """method -> (model, cfg) from ``results_root/<dataset>/<method>/seed<seed>/model_final.pt``."""
+    """method -> (model, cfg) from the model folder of ``results_root/<dataset>/<method>/seed<seed>``."""
     from ..model.io import load_trained_model  # torch: only when models are loaded
+    from ..weights import final_model, has_final_model
     models = {}
     for method in methods:
-        path = run_dir(results_root, dataset, method, seed) / "model_final.pt"
-        if not path.is_file():
+        folder = run_dir(results_root, dataset, method, seed)
+        path = final_model(folder)
+        if not has_final_model(folder):
             raise FileNotFoundError(f"{path} not found: train this run first (train_eval.ipynb or "
                                     "python -m reidlib sweep)")
         model, cfg = load_trained_model(path, device=device)

@@ -8,7 +8,7 @@ reference state dict's format is read from its keys (:mod:`reidlib.weights.refer
 
 Example::
 
-    model, cfg = load_trained_model("results/runs/tiny/model_final.pt")
+    model, cfg = load_trained_model("results/runs/tiny/model")
     model, cfg = load_trained_model("results/runs/tiny/model")        # a model folder
     model, cfg = load_trained_model("MSMT17_clipreid_12x12sie_ViT-B-16_60.pth")   # reference file
     feats = model.encode_image(images)

@@ -21,7 +21,7 @@ from the model (``model.visual.grid``) and upsampled to the image for display.
 
 Example::
 
-    model, cfg = reidlib.load_trained_model("results/market1501/proposed/seed0/model_final.pt")
+    model, cfg = reidlib.load_trained_model("results/market1501/proposed/seed0/model")
     maps = attention_maps(model, images)                  # [B, 16, 8], each map's max = 1
     attention_figure({"proposed": (model, cfg)}, dataset.query[:4], "attention.png")
 """

@@ -25,11 +25,20 @@ from .detect import read_weights, reference_config, weights_config
 from .finetune import TrainedSource, check_source, read_trained_source, take_trained_weights
 from .lora import fold_lora_state, lora_scaling
 from .reference import ReferenceWeights, convert_reference, is_reference_state
-from .trained import preprocessing, read_card, read_trained, save_trained, trained_folder
+from .trained import (
+    final_model,
+    has_final_model,
+    preprocessing,
+    read_card,
+    read_trained,
+    save_trained,
+    trained_folder,
+)
 
 __all__ = [
     "load_clip", "read_state_dict", "TINY_CONFIGS",
-    "save_trained", "read_trained", "read_card", "trained_folder", "preprocessing",
+    "save_trained", "read_trained", "read_card", "trained_folder", "preprocessing", "final_model",
+    "has_final_model",
     "model_record", "describe_weights", "uses_quick_gelu", "reidlib_version",
     "read_weights", "reference_config", "weights_config",
     "convert_reference", "is_reference_state", "ReferenceWeights",

@@ -73,7 +73,8 @@ def describe_weights(path: str | Path, cfg: Config | None = None) -> dict:
     folder = trained_folder(path) is not None
     card = {"weights": str(path),
             "format": "reidlib model folder (safetensors + config.json)" if folder else "reidlib checkpoint",
-            "method": method_of(saved), "architecture": model.name, "image_size": list(model.image_size),
+            "method": state.get("method") or method_of(saved),
+            "architecture": model.name, "image_size": list(model.image_size),
             "prompts": f"{model.prompt} ({model.n_shared} shared + {model.n_per_id} per-ID, depth {model.depth})",
             "LoRA": f"r {model.lora.r}, alpha {model.lora.alpha} on {','.join(model.lora.targets)}"
                     if model.lora.enabled else "off",

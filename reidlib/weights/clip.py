@@ -8,8 +8,8 @@ rather than by ``open_clip.create_model`` / ``load_checkpoint`` / ``load_openai_
 those cannot do what this library needs (and the tensors end up the same):
 
 * ``load_openai_model`` falls back to ``torch.load`` without ``weights_only`` (runs pickled code)
-  and rebuilds the architecture from the tensor shapes with 64-wide heads, which gets the tiny
-  test configs wrong and ignores ``model.name``;
+  and rebuilds the architecture from the tensor shapes, guessing heads 64 wide, which gets the
+  tiny test configs wrong and ignores ``model.name``;
 * ``load_checkpoint`` reads with ``torch.load(weights_only=True)``, which refuses OpenAI's JIT
   archives, and loads strictly, which fails on the bookkeeping entries of OpenAI's state dicts;
 * both need a randomly initialised model first (about a second for ViT-B/16 on a CPU); here the

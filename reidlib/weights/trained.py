@@ -30,6 +30,8 @@ import torch
 from ..config import config_from_dict
 from ..files import CheckpointError, atomic_folder, load_checkpoint
 
+MODEL_FOLDER = "model"              # a run folder's trained model (reidlib 0.2 wrote model_final.pt)
+LEGACY_FINAL = "model_final.pt"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "config.json"
 FORMAT = "reidlib trained model"       # the card's "format": what tells our folders from others
@@ -115,7 +117,13 @@ def _card_hash(core: dict) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB blocks (a ViT-B/16 model is 600 MB)."""
+    """The sha256 of a file's bytes, read in 1 MiB blocks (a ViT-B/16 model is 600 MB).
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "empty")
+    >>> open(path, "wb").close(); file_sha256(path)[:12]
+    'e3b0c44298fc'
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -141,11 +149,28 @@ def preprocessing(card: dict) -> dict:
 
 # --------------------------------------------------------------------------- reading
 
+def final_model(run_dir: str | Path) -> Path:
+    """A run folder's trained model: ``RUN/model`` (a model folder), or ``RUN/model_final.pt`` for a
+    run that reidlib 0.2 trained; ``RUN/model`` when there is neither yet."""
+    run_dir = Path(run_dir)
+    folder, legacy = run_dir / MODEL_FOLDER, run_dir / LEGACY_FINAL
+    return legacy if legacy.is_file() and not (folder / CARD_FILE).is_file() else folder
+
+
+def has_final_model(run_dir: str | Path) -> bool:
+    """Whether a run folder holds its trained model (either format)."""
+    path = final_model(run_dir)
+    return path.is_file() or (path / CARD_FILE).is_file()
+
+
 def trained_folder(path: str | Path) -> Path | None:
     """The model folder ``path`` names (the folder, its ``config.json`` or its ``model.safetensors``)
     when its card says it is one of ours; None for anything else (a torch file, CLIP's safetensors).
 
     A card that cannot be parsed still counts, so that reading it reports the damage.
+
+    >>> trained_folder("model_final.pt") is None
+    True
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent if path.name in (WEIGHTS_FILE, CARD_FILE) else None
@@ -163,6 +188,11 @@ def read_trained(path: str | Path) -> dict:
     from a model folder (or its ``config.json`` / ``model.safetensors``), checked against its
     hashes and read without pickle, or from a ``model_final.pt`` / ``checkpoint_stage*_e*.pt``
     (``torch.load(weights_only=True)``). Damage is a one-line :class:`~reidlib.files.CheckpointError`.
+
+    Example::
+
+        state = read_trained("runs/market/model")             # or .../model_final.pt
+        model.load_state_dict(state["model"]); state["metrics"]["mAP"]
     """
     folder = trained_folder(path)
     if folder is None:
@@ -176,7 +206,12 @@ def read_trained(path: str | Path) -> dict:
 
 
 def read_card(folder: str | Path) -> dict:
-    """The ``config.json`` of a model folder, as a dict (no tensors read)."""
+    """The ``config.json`` of a model folder, as a dict (no tensors read).
+
+    Example::
+
+        read_card("runs/market/model")["metrics"]                # {'mAP': ..., 'rank1': ...}
+    """
     path = Path(folder) / CARD_FILE
     try:
         card = json.loads(path.read_text())
