@@ -41,7 +41,7 @@ def __getattr__(name):
         from .demo.pretrain import build_miniature
         return build_miniature
     if name == "load_trained_model":
-        from .model.io import load_trained_model
+        from .methods.trained import load_trained_model
         return load_trained_model
     if name in ("evaluate", "rerank"):
         from . import eval as evaluation

@@ -186,7 +186,7 @@ def _weights_command(command: str, rest: list[str]) -> int:
     from .weights import weights_config
     cfg = load_config(extra["config"], overrides) if "config" in extra else weights_config(weights, overrides)
     if command == "convert":
-        from .model.io import convert_weights
+        from .methods.trained import convert_weights
         named = any(o.startswith("data.dataset=") for o in overrides) or "config" in extra
         convert_weights(weights, positional[1], cfg, dataset=cfg.data.dataset if named else None)
     elif command == "export":

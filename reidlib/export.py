@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .methods.trained import load_trained_model
 from .model import merge_lora
-from .model.io import load_trained_model
 from .weights import reidlib_version
 
 log = logging.getLogger("reidlib")

@@ -32,7 +32,7 @@ from reidlib.eval.extract import extract_features
 from reidlib.eval.metrics import DROPPED_REASON
 from reidlib.files import CheckpointError, NotAReidlibCheckpoint, load_checkpoint, save_checkpoint
 from reidlib.methods import method_config
-from reidlib.model.io import load_trained_model
+from reidlib.methods.trained import load_trained_model
 from reidlib.optim.nonfinite import NonFiniteError, non_finite_entries
 from reidlib.weights import read_trained
 

@@ -11,7 +11,7 @@ import torch
 
 from reidlib.data import list_image_folder
 from reidlib.eval.extract import extract_features
-from reidlib.model.io import load_trained_model
+from reidlib.methods.trained import load_trained_model
 from reidlib.search import extract_folder, search
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,10 +25,10 @@ from ..eval.extract import check_valid_queries, evaluate_model
 from ..files import load_checkpoint, remove_stale_temp_files, require_file, save_checkpoint, write_json
 from ..methods import StageContext, method_for, run_label
 from ..methods import build as build_method_model
-from ..model.io import load_trained_model, model_record
+from ..methods.trained import load_trained_model
 from ..optim import check_finite_weights
 from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime
-from ..weights import final_model, save_trained
+from ..weights import final_model, model_record, save_trained
 from ..weights.trained import MODEL_FOLDER
 from .checkpoint import (
     RESUME_IGNORE,

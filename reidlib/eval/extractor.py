@@ -81,7 +81,7 @@ class FeatureExtractor:
     def __init__(self, weights, device: str = "auto", precision: str = "fp32", batch_size: int = 64, *,
                  config=None, default_camera: int | None = None, default_view: int | None = None,
                  flip: bool | None = None, num_workers: int = 0):
-        from ..model.io import load_trained_model
+        from ..methods.trained import load_trained_model
         torch_device = pick_device(device)
         model, cfg = load_trained_model(weights, config, device=torch_device)
         self._setup(model, cfg, Runtime(device=torch_device, amp_dtype=None, output_dir=None),

@@ -22,7 +22,7 @@ from ..data import load_dataset
 from ..eval.extract import check_valid_queries, evaluate_model
 from ..files import write_json
 from ..methods import run_label
-from ..model.io import load_trained_model
+from ..methods.trained import load_trained_model
 from ..runtime import setup_runtime
 from ..weights import final_model
 

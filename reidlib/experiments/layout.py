@@ -21,7 +21,7 @@ def run_dir(results_root: str | Path, dataset: str, method: str, seed: int) -> P
 
 def load_run_models(results_root: str | Path, dataset: str, methods, seed: int, device: str = "cpu") -> dict:
     """method -> (model, cfg) from the model folder of ``results_root/<dataset>/<method>/seed<seed>``."""
-    from ..model.io import load_trained_model  # torch: only when models are loaded
+    from ..methods.trained import load_trained_model  # torch: only when models are loaded
     from ..weights import final_model, has_final_model
     models = {}
     for method in methods:

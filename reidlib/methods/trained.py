@@ -2,14 +2,16 @@
 
 The files themselves are :mod:`reidlib.weights`' (a model folder of safetensors + a JSON card,
 ``model_final.pt``, a resumable ``checkpoint_stage*_e*.pt``, a reference state dict); this file
-builds the model they describe. A reidlib model records everything :func:`load_trained_model`
-needs (config, identities, cameras, activation), so CLIP's original weights are not needed. A
+builds the model they describe, through the method that trained it (``cfg.method``, after
+importing ``cfg.plugins``), so a method of a user's own loads like the built-in ones. A reidlib model
+records everything :func:`load_trained_model` needs (config, identities, cameras, activation), so
+CLIP's original weights are not needed. A
 reference state dict's format is read from its keys (:mod:`reidlib.weights.reference`).
 
 Example::
 
-    model, cfg = load_trained_model("results/runs/tiny/model")
     model, cfg = load_trained_model("results/runs/tiny/model")        # a model folder
+    model, cfg = load_trained_model("results/runs/old/model_final.pt")  # as reidlib 0.2 saved it
     model, cfg = load_trained_model("MSMT17_clipreid_12x12sie_ViT-B-16_60.pth")   # reference file
     feats = model.encode_image(images)
 """
@@ -21,13 +23,14 @@ from pathlib import Path
 
 from ..config import Config, config_diff, config_from_dict, load_config, to_dict
 from ..files import save_checkpoint
+from ..model import build_model
 
 # the reading side moved to reidlib.weights; these names stay importable from here
 from ..weights.card import describe_weights, model_record, reidlib_version, uses_quick_gelu  # noqa: F401
 from ..weights.detect import read_weights, reference_config, weights_config  # noqa: F401
 from ..weights.reference import convert_reference
 from ..weights.trained import save_trained
-from .reid import build_model
+from .registry import method_for
 
 log = logging.getLogger("reidlib")
 
@@ -86,8 +89,9 @@ def load_trained_model(path: str | Path, cfg: Config | None = None, device="cpu"
     # the trained model used (QuickGELU for OpenAI weights).
     build_cfg = dataclasses.replace(model_cfg, pretrained="none",
                                     quick_gelu="true" if state["quick_gelu"] else "false")
-    model = build_model(build_cfg, num_classes=state["num_classes"], num_cameras=state["num_cameras"],
-                        num_views=state.get("num_views", 0))
+    built = dataclasses.replace(saved, model=build_cfg)
+    model = method_for(built).build_model(built, num_classes=state["num_classes"], num_cameras=state["num_cameras"],
+                                          num_views=state.get("num_views", 0))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), dataclasses.replace(cfg or saved, model=model_cfg)
 
