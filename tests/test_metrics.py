@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from reidlib.eval import Evaluator, compute_distance, evaluate, rerank
+from reidlib.eval import compute_distance, evaluate, rerank
 
 
 def reference_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
@@ -208,24 +208,6 @@ def test_rerank_flag_scores_reranked_distances():
                         g_pids=lab[1], q_camids=lab[2], g_camids=lab[3])
     got = evaluate(qf, gf, *lab, rerank={"k1": 8, "k2": 3}, device="cpu")
     assert got == expected
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluator
-# --------------------------------------------------------------------------------------------
-
-
-def test_evaluator_batches_equal_direct_call():
-    qf, gf, q_pids, g_pids, q_cams, g_cams = make_features(seed=5)
-    features = torch.cat([qf, gf])
-    pids, cams = torch.cat([q_pids, g_pids]), torch.cat([q_cams, g_cams])
-    ev = Evaluator(num_query=len(qf), metric="cosine")
-    for s in range(0, len(features), 64):  # batches straddle the query/gallery split
-        ev.process(features[s : s + 64], pids[s : s + 64], cams[s : s + 64].numpy())
-    assert ev.evaluate() == evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, metric="cosine")
-    ev.reset()
-    with pytest.raises(ValueError, match="no batches"):
-        ev.evaluate()
 
 
 # --------------------------------------------------------------------------------------------

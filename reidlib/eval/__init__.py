@@ -7,7 +7,7 @@ Example:
 """
 
 from .distance import compute_distance
-from .metrics import Evaluator, evaluate
+from .metrics import evaluate
 from .rerank import rerank
 
-__all__ = ["evaluate", "rerank", "Evaluator", "compute_distance"]
+__all__ = ["evaluate", "rerank", "compute_distance"]

@@ -148,9 +148,10 @@ class FeatureExtractor:
             if tuple(batch.shape[1:]) != (3, *self.image_size):
                 raise ValueError(f"a preprocessed batch must be [N, 3, {self.image_size[0]}, {self.image_size[1]}] "
                                  f"(resized and normalised); got {list(batch.shape)}")
+            _check_finite_batch(batch)
             tensors = list(batch)
         else:
-            tensors = [self.transform(_as_pil(image, bgr)) for image in _as_list(images)]
+            tensors = [self.transform(_as_pil(image, bgr, i)) for i, image in enumerate(_as_list(images))]
         cams = self._side_ids(cameras, len(tensors), "camera", self.num_cameras, self.default_camera)
         views = self._side_ids(views, len(tensors), "view", self.num_views, self.default_view)
         part = lambda ids, i: None if ids is None else ids[i:i + self.batch_size]  # noqa: E731
@@ -169,7 +170,7 @@ class FeatureExtractor:
                 raise ValueError(f"this model was trained with SIE over {count} {what}s: pass {what}s=[...] "
                                  f"(0-based, one per image), or choose a default with default_{what}=K")
             ids = default
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        ids = _as_ids(ids, what)
         if ids.numel() == 1:
             ids = ids.expand(n)
         if ids.numel() != n:
@@ -259,6 +260,31 @@ class FeatureExtractor:
         return out, pid_t.cpu(), cam_t.cpu(), ok_t.cpu().bool()
 
 
+def _as_ids(ids, what: str) -> torch.Tensor:
+    """Whole-number ids as a flat long tensor; 1.7 or True is refused (a cast would truncate it to
+    camera 1 and give a silently wrong SIE row)."""
+    try:
+        raw = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what} ids must be whole numbers, one per image; got {ids!r}") from None
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise ValueError(f"{what} ids must be whole numbers, one per image; got {ids!r}")
+    if raw.is_floating_point():
+        whole = (torch.isfinite(raw) & (raw == raw.round())).reshape(-1)
+        if not bool(whole.all()):
+            raise ValueError(f"{what} ids must be whole numbers (0-based); got {raw.reshape(-1)[~whole][0].item()}")
+    return raw.to(torch.long).reshape(-1)
+
+
+def _check_finite_batch(batch: torch.Tensor) -> None:
+    """NaN or inf pixels would give NaN features and a meaningless ranking: name the first image."""
+    bad = ~torch.isfinite(batch.reshape(len(batch), -1)).all(dim=1)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        raise ValueError(f"image {index} of the preprocessed batch holds NaN or infinite values "
+                         f"({int(bad.sum())} such image(s) in all); fix the preprocessing")
+
+
 def _or_default(ids: torch.Tensor, default: int | None) -> torch.Tensor:
     """Unknown ids (< 0) replaced by the default (checked to exist beforehand)."""
     return torch.where(ids < 0, torch.full_like(ids, default or 0), ids)
@@ -280,7 +306,7 @@ def _as_float_batch(images) -> torch.Tensor | None:
 
 
 def _as_list(images) -> list:
-    if isinstance(images, (str, Path, Image.Image)):
+    if isinstance(images, (str, Path, Image.Image, bytes, bytearray)):
         return [images]
     if isinstance(images, torch.Tensor):
         images = images.cpu().numpy()
@@ -289,18 +315,32 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def _as_pil(image, bgr: bool) -> Image.Image:
-    """One image as an RGB PIL image: a path (decoded fully), a PIL image, or an H×W×3 uint8 array."""
+def _as_pil(image, bgr: bool, index: int = 0) -> Image.Image:
+    """One image as an RGB PIL image: a path (decoded fully), a PIL image, or an H×W×3 uint8 array.
+    ``index``: its place in the input, named in errors."""
     if isinstance(image, (str, Path)):
         return read_image(image)
+    if isinstance(image, (bytes, bytearray)):
+        raise TypeError(f"image {index} is {type(image).__name__} (encoded file data?): decode it first, "
+                        "e.g. PIL.Image.open(io.BytesIO(data)), or pass the file's path")
     if isinstance(image, Image.Image):
+        _refuse_empty(image.height, image.width, index)
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         image = image.cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"an image array must be H×W×3 uint8 (0-255); got {image.dtype} {list(image.shape)} "
-                             "(a float batch must be [N, 3, H, W], already normalised)")
+            raise ValueError(f"image {index}: an image array must be H×W×3 uint8 (0-255); got {image.dtype} "
+                             f"{list(image.shape)} (a float batch must be [N, 3, H, W], already normalised)")
+        _refuse_empty(image.shape[0], image.shape[1], index)
         return Image.fromarray(np.ascontiguousarray(image[:, :, ::-1] if bgr else image), "RGB")
-    raise TypeError(f"cannot read an image from a {type(image).__name__}: pass paths, PIL images, H×W×3 uint8 "
-                    "arrays or a float batch [N, 3, H, W]")
+    raise TypeError(f"image {index}: cannot read an image from a {type(image).__name__}: pass paths, PIL images, "
+                    "H×W×3 uint8 arrays or a float batch [N, 3, H, W]")
+
+
+def _refuse_empty(height: int, width: int, index: int) -> None:
+    """A crop of an empty box (``frame[90:0, 10:20]``) would be resized into a black image, whose
+    feature matches nothing: a detector's bug, said here rather than hidden in a ranking."""
+    if height == 0 or width == 0:
+        raise ValueError(f"image {index} is empty ({height}x{width} pixels); check the crop's box "
+                         "(y1 > y0 and x1 > x0)")

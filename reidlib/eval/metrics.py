@@ -29,7 +29,7 @@ Memory stays at a few ``chunk_size x num_gallery`` blocks.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -415,51 +415,3 @@ def _score_queries(distances: _QueryDistances, labels: _Labels) -> _MetricTotals
         dist, sorted_dist = distances.rows(rows)
         totals.add(*_match_positions(dist, sorted_dist, index, real, excluded))
     return totals
-
-
-class Evaluator:
-    """Accumulates features batch by batch, then scores them (fast-reid style).
-
-    Feed query batches first, then gallery batches; ``num_query`` says where the split is.
-
-    Example:
-        >>> ev = Evaluator(num_query=2)
-        >>> ev.process(torch.randn(2, 8), [1, 2], [0, 0])            # queries
-        >>> ev.process(torch.randn(3, 8), [1, 2, 3], [1, 1, 1])      # gallery
-        >>> ev.evaluate()["num_valid_queries"]
-        2
-    """
-
-    def __init__(self, num_query: int, **evaluate_kwargs: Any):
-        """``evaluate_kwargs`` go to :func:`evaluate` (metric, normalize, max_rank, rerank, ...)."""
-        self.num_query = num_query
-        self.evaluate_kwargs = evaluate_kwargs
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all processed batches."""
-        self._features: list[torch.Tensor] = []
-        self._pids: list[torch.Tensor] = []
-        self._camids: list[torch.Tensor] = []
-
-    def process(self, features: Any, pids: Sequence[int] | Any, camids: Sequence[int] | Any) -> None:
-        """Add one batch of features with its identity and camera labels."""
-        features = as_tensor(features, "features")
-        n = len(features)
-        self._features.append(features)
-        self._pids.append(_as_labels(pids, "pids", n, "features").cpu())
-        self._camids.append(_as_labels(camids, "camids", n, "features").cpu())
-
-    def evaluate(self) -> dict:
-        """Split the accumulated set at ``num_query`` and call :func:`evaluate`."""
-        if not self._features:
-            raise ValueError("no batches were processed")
-        features = torch.cat(self._features)
-        pids, camids = torch.cat(self._pids), torch.cat(self._camids)
-        if not 0 < self.num_query < len(features):
-            raise ValueError(f"num_query is {self.num_query} but {len(features)} images were processed")
-        q = slice(0, self.num_query)
-        g = slice(self.num_query, None)
-        return evaluate(
-            features[q], features[g], pids[q], pids[g], camids[q], camids[g], **self.evaluate_kwargs
-        )
