@@ -63,6 +63,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/eval_bench.py
+	$(BIN)/python bench/explore_bench.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/train_bench.py
 
 clean-demo:

@@ -20,6 +20,13 @@ Usage:
     python bench/eval_bench.py --sizes market msmt   # both sizes
     python bench/eval_bench.py --tiny                # seconds-long smoke run (CI)
     python bench/eval_bench.py --dense-rerank        # also the dense re-ranking reference
+    python bench/eval_bench.py --load                # idle vs one core busy, against the references
+    python bench/eval_bench.py --tiny --load         # the same at the tiny size (seconds)
+
+``--load`` times evaluation and re-ranking twice, idle and with a background process spinning on
+one core of this process's affinity mask, and prints each one's ratio to ``bench/reference.py``'s
+NumPy references (the per-query loop; the dense re-ranking) timed under the same load. Its size
+is ``medium`` (1000 x 5000, 256-d), where the dense reference takes seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.reference import dense_rerank, plain_euclidean  # noqa: E402
+from bench.reference import dense_rerank, loop_evaluate, numpy_distance, plain_euclidean  # noqa: E402
 from reidlib.eval import evaluate, rerank  # noqa: E402
 
 
@@ -54,6 +62,7 @@ class Size:
 SIZES = {
     "market": Size("market", 3368, 15913, 750, 6),
     "msmt": Size("msmt", 11659, 82161, 3060, 15),
+    "medium": Size("medium", 1000, 5000, 300, 6, dim=256),
     "tiny": Size("tiny", 200, 1500, 60, 6, dim=64),
 }
 
@@ -148,29 +157,6 @@ def measure(fn, repeats: int = 1):
 # --------------------------------------------------------------------------------------------
 
 
-def numpy_distance(qf: np.ndarray, gf: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distance of unit features, ``2 - 2 q.g``, in NumPy."""
-    return np.maximum(2 - 2 * (qf @ gf.T), 0)
-
-
-def loop_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """The protocol one query at a time, with a stable argsort of each row."""
-    cmc, aps, inps = np.zeros(max_rank), [], []
-    for i in range(len(distmat)):
-        order = np.argsort(distmat[i], kind="stable")
-        same_pid = g_pids[order] == q_pids[i]
-        junk = same_pid & (g_camids[order] == q_camids[i])
-        hits = np.flatnonzero(same_pid[~junk])
-        if len(hits) == 0:
-            continue
-        cmc[hits[0] :] += 1
-        aps.append(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
-        inps.append(len(hits) / (hits[-1] + 1))
-    n = len(aps)
-    return {"cmc": (cmc / n).tolist(), "rank1": cmc[0] / n, "mAP": float(np.mean(aps)),
-            "mINP": float(np.mean(inps))}
-
-
 def metric_gap(a: dict, b: dict) -> float:
     """Largest difference between two metric dicts (rank-1, mAP, mINP and the CMC curve)."""
     gaps = [abs(a[k] - b[k]) for k in ("rank1", "mAP", "mINP")]
@@ -237,6 +223,68 @@ def bench_rerank(size, qf, gf, labels, label, args, rows) -> None:
     rows.append(r)
 
 
+# --------------------------------------------------------------------------------------------
+# Idle vs loaded
+# --------------------------------------------------------------------------------------------
+
+
+def busy_core() -> subprocess.Popen:
+    """A background process spinning on the first core of this process's affinity mask: the
+    "loaded" case, another job holding one core."""
+    cpu = min(os.sched_getaffinity(0))
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def compare_load(size: Size, repeats: int) -> list[dict]:
+    """Evaluation and re-ranking against their references, idle and with one core busy."""
+    qf, gf, *labels = make_data(size)
+    q, g, np_labels = qf.numpy(), gf.numpy(), [x.numpy() for x in labels]
+    tasks = {
+        "evaluate from features": (lambda: evaluate(qf, gf, *labels),
+                                   lambda: loop_evaluate(numpy_distance(q, g), *np_labels)),
+        "rerank (k1=20, k2=6, lambda=0.3)": (
+            lambda: rerank(qf, gf, device="cpu"),
+            lambda: dense_rerank(plain_euclidean(q, g), plain_euclidean(q, q), plain_euclidean(g, g))),
+    }
+    rows = []
+    for condition in ("idle", "loaded"):
+        busy = busy_core() if condition == "loaded" else None
+        try:
+            time.sleep(1.0 if busy else 0.0)   # let the spinner take its core
+            load = os.getloadavg()[0]
+            for task, (ours, reference) in tasks.items():
+                _, t = measure(ours, repeats)
+                _, t_ref = measure(reference, max(1, repeats // 3))
+                rows.append({"condition": condition, "load": load, "task": task, "time": t.seconds,
+                             "cpu": t.cpu, "base": t_ref.seconds})
+                print(f"{condition}: {task}: {t.seconds:.3f} s, reference {t_ref.seconds:.2f} s, "
+                      f"{t_ref.seconds / t.seconds:.1f}x", flush=True)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    return rows
+
+
+def print_load_table(size: Size, rows: list) -> None:
+    print(f"\n{size.name} {size.num_query}x{size.num_gallery}, {size.dim}-d: idle vs one core busy")
+    print("| condition | load average | task | reidlib (s) | CPU (s) | reference (s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['condition']} | {r['load']:.1f} | {r['task']} | {r['time']:.3f} | {r['cpu']:.2f} | "
+              f"{r['base']:.2f} | {r['base'] / r['time']:.1f}x |")
+
+
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def print_table(rows: list) -> None:
     print("\n| size | task | time (s) | CPU (s) | peak RSS growth (MiB) | baseline (s) | speed-up "
           "| largest difference |")
@@ -257,12 +305,20 @@ def main() -> None:
     parser.add_argument("--dense-rerank", action="store_true",
                         help="also run the dense re-ranking (~8 GB and ~5 min at Market size)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (best kept; MSMT: 1)")
+    parser.add_argument("--load", action="store_true",
+                        help="only the idle vs one-core-busy comparison against the references (medium size; "
+                             "tiny with --tiny)")
     args = parser.parse_args()
 
     cuda = "yes" if torch.cuda.is_available() else "no"
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
           f"torch threads, torch {torch.__version__}, numpy {np.__version__}, CUDA {cuda}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
+    if args.load:
+        size = SIZES["tiny" if args.tiny else "medium"]
+        print_load_table(size, compare_load(size, args.repeats))
+        print(f"load average at end: {os.getloadavg()[0]:.1f}")
+        return
     rows: list = []
     for name in ["tiny"] if args.tiny else args.sizes:
         bench_size(SIZES[name], args, rows)

@@ -41,7 +41,7 @@ from reidlib.methods.clipreid import (  # noqa: E402
     wrap_for_stage1,
 )
 from reidlib.model import build_model, set_trainable  # noqa: E402
-from reidlib.runtime import setup_runtime  # noqa: E402
+from reidlib.runtime import setup_runtime, tf32_mode  # noqa: E402
 
 MARKET = {"train_images": 12936, "ids": 751, "cams": 6, "query": 3368, "gallery": 15913}
 
@@ -145,9 +145,11 @@ def run(method: str, args, data_root: Path, dataset) -> dict:
     cache = make_image_cache(dataset, cfg, runtime)
     decode_s = time.perf_counter() - start
     result = {"method": method, "device": str(runtime.device), "decode_s": decode_s}
-    result.update(bench_stage1(model, cfg, runtime, dataset, cache, args))
-    result["stage2_img_s"] = bench_stage2(model, cfg, runtime, dataset, cache, args)
-    result["inference_img_s"] = bench_inference(model, cfg, runtime, args)
+    with tf32_mode(cfg.tf32):            # as train() trains; inference as evaluation runs
+        result.update(bench_stage1(model, cfg, runtime, dataset, cache, args))
+        result["stage2_img_s"] = bench_stage2(model, cfg, runtime, dataset, cache, args)
+    with tf32_mode(cfg.test.tf32):
+        result["inference_img_s"] = bench_inference(model, cfg, runtime, args)
     if runtime.device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
     sizes = MARKET if not args.tiny else {"train_images": len(dataset.train), "query": len(dataset.query),

@@ -11,6 +11,8 @@
     demo                                                    generated data -> baseline vs proposed -> table
     pretrain [--steps N ...]                                the miniature CLIP for the demo (cached by recipe)
     methods [NAME] [--plugins FILE.py ...]                  the registered methods, one line each (NAME: its settings)
+    doctor  [--device cpu|cuda] [--data ROOT --dataset NAME] is this machine ready? versions, GPUs, memory, a smoke run
+    explore RUN [RUN2] [--data-root DIR] [--port N] [--no-browser]  the retrieval explorer as a web page (Voila)
 
 CONFIG is a YAML path or a shipped config name (vit_clipreid, vit_proposed, rn50_clipreid, tiny).
 weights= takes a reidlib checkpoint or a state dict of the CLIP-ReID reference code; convert, export
@@ -27,7 +29,7 @@ import sys
 from .config import help_text, load_config
 
 COMMANDS = ("train", "test", "extract", "search", "sweep", "demo", "convert", "export", "info", "pretrain",
-            "methods")
+            "methods", "doctor", "explore")
 # Command arguments that are not config keys, and the config keys some of them stand for.
 ALIASES = {"weights": "test.weights"}
 COMMAND_ARGS = {"extract": ("images", "out"), "search": ("query", "gallery", "top", "grid"),
@@ -86,6 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"reidlib: {type(err).__name__}: {message}", file=sys.stderr)
         return 2
+    except SystemExit as err:
+        if isinstance(err.code, str):   # SystemExit("message") would exit 1: a usage error exits 2
+            print(err.code, file=sys.stderr)
+            raise UsageExit(err.code) from None
+        raise
+
+
+class UsageExit(SystemExit):
+    """Exit status 2 for a usage error whose line is already printed; ``str()`` is that line."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -111,6 +129,12 @@ def _main(argv: list[str] | None = None) -> int:
         return pretrain_main(rest)
     if command == "methods":
         return _methods_command(rest)
+    if command == "doctor":
+        from .doctor import main as doctor_main
+        return doctor_main(rest)
+    if command == "explore":
+        from .explore_page import main as explore_main
+        return explore_main(rest)
     if "-h" in rest or "--help" in rest:
         print(_usage())
         return 0
@@ -179,6 +203,7 @@ def _weights_command(command: str, rest: list[str]) -> int:
             raise SystemExit("reidlib convert: give IN OUT (the weights to read; the reidlib model folder "
                              "to write, or a .pt file)")
         weights = positional[0]
+        _check_convert_output(weights, positional[1])
     elif positional or not given:
         raise SystemExit(f"reidlib {command}: give weights=PATH" + (f", not '{positional[0]}'" if positional else ""))
     else:
@@ -199,6 +224,17 @@ def _weights_command(command: str, rest: list[str]) -> int:
     else:
         _print_card(weights, cfg)
     return 0
+
+
+def _check_convert_output(source: str, out: str) -> None:
+    """Before any weights are read: OUT must not be IN (the source would be replaced by its own
+    conversion, or half of it) and must be writable."""
+    from pathlib import Path
+
+    from .files import check_writable
+    if Path(out).resolve() == Path(source).resolve():
+        raise ValueError(f"convert: OUT is IN ({source}); write the converted model to another path")
+    check_writable(Path(out).resolve().parent, "OUT")
 
 
 def _print_card(weights: str, cfg) -> None:

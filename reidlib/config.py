@@ -134,6 +134,7 @@ class TestConfig:
     default_camera: int = opt(-1, "with a model trained with SIE: the 0-based camera id of images that have none (names not Market-style); -1 makes such images an error")
     default_view: int = opt(-1, "with a model trained with view SIE (model.sie_view): the 0-based view id of images that have none; -1 makes such images an error")
     trials: int = opt(10, "VehicleID only: random gallery draws (one image per identity) the metrics are averaged over; trial k draws with seed k")
+    tf32: bool = opt(False, "TF32 matmuls and convolutions for test features on CUDA (Ampere+): faster, ~1e-3 relative error; off by default, so features match fp32 (training's TF32 is the top-level tf32)")
 
 
 @dataclass
@@ -149,7 +150,9 @@ class Config:
     seed: int = opt(1234, "seed for python, numpy, torch and the samplers")
     output_dir: str = opt("results/runs/default", "run folder: resolved config, checkpoints, metrics.jsonl, metrics.json")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = opt("auto", "training: auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32 (test features: test.precision)")
+    precision: str = opt("auto", "training: auto (bf16 autocast on CUDA cards with compute capability >= 8.0, fp16 with a GradScaler on older ones, fp32 on CPU) | bf16 | fp16 (autocast + GradScaler) | fp32 (test features: test.precision)")
+    tf32: bool = opt(True, "TF32 for training's fp32 matmuls and convolutions on CUDA (Ampere+; a no-op elsewhere); scoped to training, test features follow test.tf32")
+    deterministic: bool = opt(False, "deterministic kernels (torch.use_deterministic_algorithms(warn_only), CUBLAS_WORKSPACE_CONFIG, no cuDNN autotuning), for the rest of the process: slower, repeatable on one GPU and software stack; bit-identical resume is guaranteed on the CPU only")
     compile: bool = opt(False, "torch.compile the image encoder (CUDA)")
     resume: str = opt("auto", "auto (continue from the run folder's latest checkpoint) | none | PATH")
     stage1_weights: str = opt("", "skip stage 1 and load its prompts from this checkpoint")
@@ -387,15 +390,36 @@ def resolve_config_path(name: str | Path) -> Path:
 def _read_yaml_chain(path: Path, seen: tuple = ()) -> dict[str, Any]:
     if path in seen:
         raise ValueError(f"config {path}: 'base' chain loops back to itself")
-    with open(path) as fh:
-        tree = yaml.safe_load(fh) or {}
+    tree = _load_yaml(path)
     if not isinstance(tree, dict):
         raise ValueError(f"config {path}: expected a mapping of keys, got {type(tree).__name__}")
     flat = flatten(tree)
     base = flat.pop("base", "")
-    merged = _read_yaml_chain(resolve_config_path(base), seen + (path,)) if base else {}
+    merged = _read_yaml_chain(_base_path(base, path), seen + (path,)) if base else {}
     merged.update({k: (v, str(path)) for k, v in flat.items()})
     return merged
+
+
+def _load_yaml(path: Path) -> Any:
+    """A YAML file's content; a one-line ValueError naming the file, the line and the cause for one
+    that does not parse (a tab in the indentation, a ``!!python/...`` tag, which safe loading refuses)."""
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config {path}: not valid YAML ({problem}{where}); indent with spaces, not tabs, and "
+                         "use plain values (no !!python tags)") from None
+
+
+def _base_path(base: str, config: Path) -> Path:
+    """Where ``base:`` points: a path relative to the YAML that names it (so that a folder of
+    configs can be moved or run from anywhere), else as :func:`resolve_config_path` finds it (a
+    path from the current folder, or a shipped config's name)."""
+    beside = config.parent / base
+    return beside if not Path(base).is_absolute() and beside.is_file() else resolve_config_path(base)
 
 
 def read_config_keys(name: str | Path) -> dict[str, Any]:
@@ -420,6 +444,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             _set(cfg, key, value, where)
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
+    if isinstance(overrides, str):   # one "key=value": iterating it would give its characters
+        overrides = [overrides]
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not key=value (e.g. stage2.epochs=30)")
@@ -427,6 +453,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         _set(cfg, key.strip(), value, "the command line")
     validate(cfg)
     return cfg
+
+
+def with_defaults(tree: dict) -> dict:
+    """A saved config as this reidlib resolves it: keys added since it was written take their
+    defaults, and its ``method`` is inferred when it predates methods (so that a run resumes, and
+    a finished run is reused, across such an upgrade); the tree as it is if it cannot be read.
+
+    >>> with_defaults({"model": {"prompt": "deep"}})["method"]
+    'thesis'
+    """
+    try:
+        return to_dict(config_from_dict(tree))
+    except (KeyError, ValueError, TypeError):
+        return tree
 
 
 def config_from_dict(tree: dict) -> Config:
@@ -496,7 +536,7 @@ RANGES: dict[str, Rule] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.neck_feat": ("before", "after"), "model.prompt": ("clipreid", "deep"),
     "model.quick_gelu": ("auto", "true", "false"), "test.metric": ("euclidean", "cosine"),
-    "precision": ("auto", "bf16", "fp32"), "test.precision": ("auto", "bf16", "fp32"),
+    "precision": ("auto", "bf16", "fp16", "fp32"), "test.precision": ("auto", "bf16", "fp32"),
 }
 
 
@@ -522,14 +562,70 @@ def range_errors(cfg: Config) -> list[str]:
         rule = next((r for pattern, r in RANGES.items() if fnmatch.fnmatchcase(key, pattern)), None)
         if rule is not None and not rule.ok(value):
             errors.append(f"{key}={value!r} is out of range: it must be {rule.wants} (default {default!r})")
+        elif not _finite(value):   # inf passes "> 0"; no key has a use for it
+            errors.append(f"{key}={value!r} is not a finite number (default {default!r})")
         if key in CHOICES and value not in CHOICES[key]:
             errors.append(f"{key}={value!r}: must be one of {', '.join(CHOICES[key])} (default {default!r})")
     return errors
 
 
+def _finite(value) -> bool:
+    """False for an inf or NaN number, or a list holding one."""
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _type_wanted(value, typ, key: str) -> str | None:
+    """What ``key`` wants when ``value`` is not of its declared type ``typ``; None when it is."""
+    origin = get_origin(typ) or typ
+    if origin is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if origin is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if origin is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if origin is str:   # None: an empty YAML value, which load_config has always let through
+        return None if value is None or isinstance(value, str) else "a string"
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        item = LIST_ITEMS.get(key)
+        bad = [v for v in value if item is not None and _type_wanted(v, item, key)]
+        return f"a list of {_type_wanted(None, item, key).removeprefix('an ').removeprefix('a ')}s" if bad else None
+    if origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    return None
+
+
+def type_errors(cfg: Config) -> list[str]:
+    """One message per key whose value is not of its declared type: load_config converts what it
+    reads, but a value set in Python (``cfg.stage2.ims_per_batch = "32"``) is taken as it is.
+
+    >>> cfg = Config()
+    >>> cfg.stage2.ims_per_batch = "32"
+    >>> type_errors(cfg)
+    ["config key 'stage2.ims_per_batch' wants an integer, got '32' (str)"]
+    """
+    errors = []
+    for key, (typ, _, _) in all_keys().items():
+        value = _value(cfg, key)
+        wanted = _type_wanted(value, typ, key)
+        if wanted:
+            errors.append(f"config key '{key}' wants {wanted}, got {value!r} ({type(value).__name__})")
+    return errors
+
+
 def validate(cfg: Config) -> None:
-    """Range checks of every key (:data:`RANGES`, :data:`CHOICES`) and cross-key checks, with
-    one-line messages that name the key; raises ValueError on the first failure."""
+    """Type and range checks of every key (:data:`RANGES`, :data:`CHOICES`) and cross-key checks,
+    with one-line messages that name the key; raises ValueError on the first failure. load_config
+    calls it; so do train and test, for configs changed in Python after loading."""
+    errors = type_errors(cfg)
+    if errors:   # range checks on a value of the wrong type would fail with a TypeError
+        raise ValueError(errors[0])
+    if not (cfg.output_dir or "").strip():
+        raise ValueError("output_dir is empty (the run would write into the current folder); name the run "
+                         "folder, e.g. output_dir=results/runs/try")
     errors = range_errors(cfg)
     s = cfg.stage2
     checks = [

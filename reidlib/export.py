@@ -3,8 +3,10 @@
 The exported graph is the test feature: images [N, 3, H, W] (resized and normalised as in
 training; the ONNX file's metadata says how) and, for a model trained with SIE, camera ids [N]
 and/or view ids [N] (int64, 0-based; inputs ``cameras``, ``views``) in; features [N, D] float32
-out. The batch size is free. LoRA is merged into the weights first (no peft at run time); the
-text encoder and classifiers are left out. ``half=True`` stores weights and inputs in fp16 (for
+out. An id outside the model's range (-1 for "unknown", say) gives that image a NaN feature row:
+the graph cannot raise, and SIE's table must not be read at a wrong row. The batch size is free.
+LoRA is merged into the weights first (no peft at run time); the text encoder and classifiers are
+left out. ``half=True`` stores weights and inputs in fp16 (for
 GPUs and TensorRT; the output stays fp32).
 
 Example::
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import check_writable, disk_full_as_such
 from .methods.trained import load_trained_model
 from .model import merge_lora
 from .weights import reidlib_version
@@ -48,19 +52,32 @@ class FeatureGraph(nn.Module):
         return self.model.encode_image(images).float()
 
 
+def _refuse_unknown(feats: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """NaN rows for ids outside 0..count-1. A graph cannot raise, and indexing the SIE table with -1
+    would silently take its last row (another camera's): a NaN feature cannot be mistaken for a
+    match. Valid rows get + 0.0, which leaves every value as it was."""
+    bad = (ids < 0) | (ids >= count)
+    return feats + torch.where(bad, float("nan"), 0.0).to(feats.dtype)[:, None]
+
+
 class FeatureGraphWithCameras(FeatureGraph):
     def forward(self, images: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images, cameras).float()
+        feats = self.model.encode_image(images, cameras.clamp(0, self.model.sie_cameras - 1)).float()
+        return _refuse_unknown(feats, cameras, self.model.sie_cameras)
 
 
 class FeatureGraphWithViews(FeatureGraph):
     def forward(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images, views=views).float()
+        feats = self.model.encode_image(images, views=views.clamp(0, self.model.sie_views - 1)).float()
+        return _refuse_unknown(feats, views, self.model.sie_views)
 
 
 class FeatureGraphWithCamerasAndViews(FeatureGraph):
     def forward(self, images: torch.Tensor, cameras: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images, cameras, views).float()
+        feats = self.model.encode_image(images, cameras.clamp(0, self.model.sie_cameras - 1),
+                                        views.clamp(0, self.model.sie_views - 1)).float()
+        feats = _refuse_unknown(feats, cameras, self.model.sie_cameras)
+        return _refuse_unknown(feats, views, self.model.sie_views)
 
 
 def input_names(model) -> list[str]:
@@ -78,6 +95,9 @@ def export_model(weights, out, format: str = "onnx", half: bool = False, cfg=Non
     ``out``, atomically; returns the path. ``cfg`` supplies what a reference file cannot tell."""
     if format not in FORMATS:
         raise ValueError(f"format={format}: use {' or '.join(FORMATS)}")
+    out = Path(out)
+    check_writable(out.parent, "out")    # before minutes of loading and tracing
+    _remove_killed_exports(out)
     model, cfg = load_trained_model(weights, cfg)
     if model.uses_lora:
         merge_lora(model)
@@ -86,15 +106,11 @@ def export_model(weights, out, format: str = "onnx", half: bool = False, cfg=Non
     dtype = torch.float16 if half else torch.float32
     graph.to(dtype)
     example = _example_inputs(model, cfg, dtype)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        if format == "onnx":
-            _write_onnx(graph, example, names, tmp, _metadata(weights, model, cfg, half))
-        else:
-            _write_torchscript(graph, example, tmp)
+        with disk_full_as_such(out):
+            _write(format, graph, example, names, tmp, weights, model, cfg, half)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -102,6 +118,22 @@ def export_model(weights, out, format: str = "onnx", half: bool = False, cfg=Non
     log.info("exported %s to %s (%s%s, inputs %s, %d-d features)", weights, out, format, ", fp16" if half else "",
              ", ".join(names), model.feature_dim)
     return out
+
+
+def _write(format, graph, example, names, tmp, weights, model, cfg, half) -> None:  # noqa: A002
+    if format == "onnx":
+        _write_onnx(graph, example, names, tmp, _metadata(weights, model, cfg, half))
+    else:
+        _write_torchscript(graph, example, tmp)
+
+
+def _remove_killed_exports(out: Path) -> None:
+    """The temp files of exports to ``out`` that were killed before their rename (a kill -9 runs no
+    cleanup): mkstemp's ``.<name>.XXXXXXXX.tmp``, this name only."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    for stale in out.parent.iterdir():
+        if pattern.match(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
 
 
 def _example_inputs(model, cfg, dtype) -> tuple:

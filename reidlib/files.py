@@ -6,9 +6,12 @@ pickled code. :func:`save_checkpoint` refuses anything else at save time (findin
 is too late) and writes through a temp file and ``os.replace``, as :func:`write_json` does for
 small result files: a crash leaves the old file or the new one, never half of one.
 
-Loading errors say what happened: a damaged file, or one holding pickled code (refused, never
-run); a file holding only a state dict loads as a :class:`PlainStateDict`. Temp files a killed
-save left behind are removed by the next save in the folder, and files get the umask's mode.
+Loading errors say what happened: a damaged file (torch's zip CRCs are checked), one holding
+pickled code (refused, never run), or a file that is no checkpoint at all (an image, a text file:
+called what it is); a file holding only a state dict loads as a :class:`PlainStateDict`. Temp files
+a killed save left behind are removed by the next save in the folder, files get the umask's mode,
+and a full disk is said as such (:class:`DiskFull`). :func:`lock_folder` keeps one training process
+per run folder; :func:`read_metrics` tells a finished run's ``metrics.json`` from a damaged one.
 
 Example::
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import io
 import json
 import os
@@ -31,12 +35,16 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
-import torch
+# torch is imported where a checkpoint is saved or loaded, not here: the tables, the sweep's
+# --status and its claims read run folders through this module without loading torch.
 
-_SAFE_LEAVES = (torch.Tensor, bool, int, float, complex, str, bytes, type(None),
-                torch.dtype, torch.device, torch.Size)
+
+def _safe_leaves() -> tuple:
+    import torch
+    return (torch.Tensor, bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
 def _check_safe(obj, key: str = "state") -> None:
@@ -44,7 +52,7 @@ def _check_safe(obj, key: str = "state") -> None:
 
     Checked at save time, because finding out at resume time is too late.
     """
-    if isinstance(obj, _SAFE_LEAVES):
+    if isinstance(obj, _safe_leaves()):
         return
     if type(obj) in (dict, collections.OrderedDict, PlainStateDict):
         for k, v in obj.items():
@@ -131,6 +139,25 @@ def check_writable(folder, key: str = "output_dir") -> Path:
     return folder
 
 
+class DiskFull(OSError):
+    """No space left (or the quota reached) while saving: said as such, naming the file."""
+
+
+@contextlib.contextmanager
+def disk_full_as_such(path):
+    """Turn ENOSPC / EDQUOT raised in the block into one :class:`DiskFull` line naming ``path``
+    (torch and NumPy report it as a bare "[Errno 28]" deep in their writers, or as a failing zip)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, DiskFull):
+            raise
+        full = DiskFull(f"no space left on the device while writing {path} (disk full or quota reached); "
+                        "free some space or write elsewhere")
+        full.errno = err.errno
+        raise full from None
+
+
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically; returns the path.
 
@@ -146,13 +173,14 @@ def save_checkpoint(path, state: dict) -> Path:
     >>> load_checkpoint(p)["epoch"]
     3
     """
+    import torch
     _check_safe(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, disk_full_as_such(path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -190,7 +218,8 @@ def atomic_folder(folder):
     _remove_stale_folders(folder, "tmp")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        yield tmp
+        with disk_full_as_such(folder):
+            yield tmp
         for item in tmp.iterdir():
             _fsync_file(item)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder gets the usual mode
@@ -283,7 +312,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     Traceback (most recent call last):
     FileNotFoundError: checkpoint not found: /no/such.pt; pass weights=PATH to an existing file
     """
+    import torch
     path = require_file(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (a trained model folder is read with "
+                              "reidlib.weights.read_trained; resuming needs a checkpoint_stage*_e*.pt)")
+    _check_zip_crcs(path)
     try:
         with warnings.catch_warnings():  # torch's advice on pickle protocols is not the user's business
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -295,14 +329,74 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                 f"checkpoint {path} holds Python objects that weights_only loading refuses ({refused}); "
                 "not run: reidlib loads only the tensors, numbers, strings, lists and dicts it saves "
                 "itself") from None
-        raise _corrupt(path, "unreadable pickle data") from None
+        raise _not_a_checkpoint(path) or _corrupt(path, "unreadable pickle data") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as e:
         first = str(e).strip().split("\n")[0].split(". ")[0]  # torch's messages run on
-        raise _corrupt(path, f"{type(e).__name__}: {first}" if first else type(e).__name__) from None
+        raise _not_a_checkpoint(path) or _corrupt(path, f"{type(e).__name__}: {first}" if first
+                                                   else type(e).__name__) from None
     if isinstance(state, dict) and state and "config" not in state \
             and all(isinstance(v, torch.Tensor) for v in state.values()):
         return PlainStateDict(state, path)
     return state
+
+
+def _check_zip_crcs(path: Path) -> None:
+    """torch's zip format stores a CRC-32 per member but torch does not check it when loading: a
+    flipped bit inside a tensor loads as a wrong weight. Checked here (one extra read of the file,
+    about a second for a ViT-B/16 model); a file that is not a zip is left to torch.load."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error):
+        return   # damaged beyond the CRCs: torch.load's error says so
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: the bytes of {bad} do not match their stored "
+                              f"checksum (flipped bits on disk or in a copy); {_advice(path)}")
+
+
+# The first bytes of files people pass by mistake, and what they are.
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a NumPy .npy array"),
+          (b"\x89HDF", "an HDF5 file"), (b"\x1f\x8b", "a gzip file"))
+
+
+def _file_kind(path: Path) -> str | None:
+    """What a file that torch could not load is, when it is plainly something else: an image, a
+    NumPy array or archive, another zip, a text file, an empty file; None when it may be a damaged
+    checkpoint."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return None   # most likely a save cut short: "corrupt or truncated" says more
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head.startswith(b"PK") and zipfile.is_zipfile(path):
+        with contextlib.suppress(zipfile.BadZipFile, OSError):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            if any(n.endswith("constants.pkl") for n in names):
+                return "a TorchScript model (torch.jit.save, as reidlib export writes it: load it with torch.jit.load)"
+            if any(n.endswith("data.pkl") for n in names):
+                return None   # torch's own format, damaged
+            if names and all(n.endswith(".npy") for n in names):
+                return "a NumPy .npz archive"
+            return f"a zip archive of {len(names)} file(s) (e.g. {names[0] if names else 'none'}), not torch's format"
+    if b"\0" not in head:
+        with contextlib.suppress(UnicodeDecodeError):
+            head.decode("utf-8")
+            return "a text file"
+    return None
+
+
+def _not_a_checkpoint(path: Path) -> CheckpointError | None:
+    kind = _file_kind(path)
+    if kind is None:
+        return None
+    return CheckpointError(f"{path} is not a checkpoint: it is {kind}; pass a trained model (a run's model "
+                           "folder or a .pt file written by reidlib or torch.save)")
 
 
 def require_file(path) -> Path:
@@ -367,16 +461,115 @@ def _pickle_stream(path: Path):
 def _corrupt(path: Path, reason: str) -> CheckpointError:
     """The error for a damaged file; resuming is advised only when a resumable checkpoint
     (``checkpoint_stage*.pt``, zero-padded: the last in name order is the latest) is left."""
+    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}); {_advice(path)}")
+
+
+def _advice(path: Path) -> str:
     left = sorted(p.name for p in path.parent.glob("checkpoint_stage*.pt") if p.name != path.name)
-    advice = (f"delete it and resume from the previous checkpoint ({left[-1]}; resume=auto picks it)" if left
-              else f"delete it and train again ({path.parent} holds no other resumable checkpoint)")
-    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}); {advice}")
+    return (f"delete it and resume from the previous checkpoint ({left[-1]}; resume=auto picks it)" if left
+            else f"delete it and train again ({path.parent} holds no other resumable checkpoint)")
 
 
 def write_json(path, data: dict) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically (temp file, then ``os.replace``)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    try:
+        with disk_full_as_such(path):
+            tmp.write_text(json.dumps(data, indent=2))
+    except OSError:
+        tmp.unlink(missing_ok=True)   # never half a JSON left beside the old file
+        raise
     tmp.replace(path)
     return path
+
+
+# The keys a finished run's metrics.json must hold (reidlib.train writes them, with more).
+METRICS_KEYS = ("rank1", "mAP")
+
+
+def read_metrics(path, required=METRICS_KEYS) -> dict:
+    """A ``metrics.json`` as a dict; a one-line ValueError naming the file when it does not parse
+    (a copy cut short, a disk that filled) or lacks one of ``required``, so that such a run is
+    never counted as finished.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "metrics.json"); _ = open(path, "w").write('{"rank1": 0.5')
+    >>> read_metrics(path)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: .../metrics.json is unreadable (not complete JSON: ...); the run is not finished: train it again
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        reason = str(err).split(":")[0]
+        raise ValueError(f"{path} is unreadable (not complete JSON: {reason}); the run is not finished: "
+                         "train it again") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a {type(record).__name__}, not a metrics record; the run is not finished")
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; the run is not finished: train it again")
+    return record
+
+
+def has_metrics(folder) -> bool:
+    """Whether a run folder holds a ``metrics.json`` that parses and has :data:`METRICS_KEYS`: a
+    finished run (an existing but damaged file is not one)."""
+    try:
+        read_metrics(Path(folder) / "metrics.json")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+LOCK_FILE = ".lock"
+
+
+class FolderLocked(RuntimeError):
+    """Another process holds the folder's lock (it trains in it)."""
+
+
+@contextlib.contextmanager
+def lock_folder(folder, key: str = "output_dir"):
+    """Hold an exclusive, non-blocking ``flock`` on ``folder/.lock`` for the block, so that a
+    second process training in the same folder fails at once (:class:`FolderLocked`, naming the
+    folder and the holder's pid) instead of both writing checkpoints over each other. The kernel
+    drops the lock when its holder dies, however it dies: a killed run leaves no stale lock. The
+    file stays (removing it would let two processes lock two different files). Where ``flock``
+    does not work (no fcntl, some network file systems) the block runs unlocked.
+
+    >>> import tempfile
+    >>> with lock_folder(tempfile.mkdtemp()):
+    ...     pass
+    """
+    folder = check_writable(folder, key)   # created here: an unwritable one is said as such
+    try:
+        import fcntl
+    except ImportError:   # not POSIX
+        yield folder
+        return
+    with open(folder / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise FolderLocked(f"{key}={folder} is in use by another run (pid {holder}); wait for it to end "
+                               f"or choose another {key}") from None
+        except OSError:   # flock unsupported here: run as before, unlocked
+            yield folder
+            return
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield folder
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -31,6 +31,7 @@ from .data.datasets import list_image_folder, parse_identity_name
 from .eval.distance import compute_distance
 from .eval.extractor import FeatureExtractor
 from .eval.protocol import excluded, exclusion_labels, ranked_gallery
+from .files import check_writable, disk_full_as_such
 
 log = logging.getLogger("reidlib")
 
@@ -46,23 +47,30 @@ def _require_weights(cfg) -> None:
 
 
 def _extractor_for(cfg) -> FeatureExtractor:
+    # -1 in the config means "no default": images without the id are then an error
     default_camera = cfg.test.default_camera if cfg.test.default_camera >= 0 else None
+    default_view = cfg.test.default_view if cfg.test.default_view >= 0 else None
     return FeatureExtractor(cfg.test.weights, device=cfg.device, precision=cfg.test.precision,
                             batch_size=cfg.test.batch_size, config=cfg, default_camera=default_camera,
-                            num_workers=cfg.data.num_workers)
+                            default_view=default_view, num_workers=cfg.data.num_workers)
 
 
 def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:
     """Encode every image under ``images`` and write ``out`` (.npz: features [N, D] float32, paths,
     pids, camids). Unreadable images are skipped and counted."""
     _require_weights(cfg)
+    out = Path(out)
+    check_writable(out.parent, "out")   # before the images are encoded, not after
     items = list_image_folder(images)
     feats, pids, camids, kept = _extractor_for(cfg).extract_items(items, desc="extract")
     paths = np.array([p for (p, _, _), k in zip(items, kept.tolist()) if k])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, features=feats.numpy(), paths=paths, pids=pids.numpy(), camids=camids.numpy())
+    try:
+        with disk_full_as_such(out):
+            np.savez(tmp, features=feats.numpy(), paths=paths, pids=pids.numpy(), camids=camids.numpy())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     log.info("wrote %d features of dimension %d to %s", len(paths), feats.shape[1], out)
     return out
@@ -75,11 +83,15 @@ def _gallery(extractor: FeatureExtractor, gallery: str | Path):
             raise FileNotFoundError(f"gallery features not found: {gallery}; "
                                     "make them with `python -m reidlib extract`")
         data = np.load(gallery)
-        return torch.from_numpy(data["features"]), list(data["paths"]), data["pids"], data["camids"]
-    items = list_image_folder(gallery)
-    feats, pids, camids, kept = extractor.extract_items(items, desc="gallery")
-    paths = [p for (p, _, _), k in zip(items, kept.tolist()) if k]
-    return feats, paths, pids.numpy(), camids.numpy()
+        feats, paths, pids, camids = (torch.from_numpy(data["features"]), list(data["paths"]), data["pids"],
+                                      data["camids"])
+    else:
+        items = list_image_folder(gallery)
+        feats, pids, camids, kept = extractor.extract_items(items, desc="gallery")
+        paths, pids, camids = [p for (p, _, _), k in zip(items, kept.tolist()) if k], pids.numpy(), camids.numpy()
+    if len(paths) == 0:   # an empty grid would look like "no match" rather than "nothing to search"
+        raise ValueError(f"gallery {gallery} holds no readable image (0 rows); nothing to search")
+    return feats, paths, pids, camids
 
 
 def _excluded(q_item, paths, g_pids, g_cams) -> torch.Tensor:

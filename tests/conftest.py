@@ -53,6 +53,19 @@ def tiny_trained(synth_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def proposed_trained(synth_root, tmp_path_factory):
+    """(cfg, run folder) of the tiny proposed method (deep prompts, LoRA), one epoch per stage:
+    a second model beside ``tiny_trained`` for the retrieval explorer's comparisons."""
+    import reidlib
+    out = tmp_path_factory.mktemp("tiny_proposed")
+    cfg = reidlib.method_config("proposed", [f"data.root={synth_root}", f"output_dir={out}",
+                                             "device=cpu", "stage1.epochs=1", "stage2.epochs=1",
+                                             "stage2.ims_per_batch=16"], base="tiny")
+    reidlib.train(cfg)
+    return cfg, out
+
+
+@pytest.fixture(scope="session")
 def miniature(tmp_path_factory):
     """(checkpoint path, recipe) of the miniature CLIP pretrained for the tests: the demo's recipe
     with 300 steps instead of 500 (about a minute on 2 cores), built once per session by

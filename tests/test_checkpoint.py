@@ -94,7 +94,7 @@ def test_missing_file_message(tmp_path):
 def test_corrupt_file_message(tmp_path, damage):
     path = save_checkpoint(tmp_path / "c.pt", {"w": torch.arange(1000.0)})
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 8,
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\0not a checkpoint" * 8,
                       "empty": b""}[damage])
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)

@@ -154,3 +154,21 @@ def test_a_plugin_method_runs_in_a_sweep(synth_root, tmp_path):
     assert report.ok and len(report.ran) == 1
     metrics = json.loads((run_dir(root, "market1501", "plain", 0) / "metrics.json").read_text())
     assert metrics["method"] == "plain" and 0 < metrics["mAP"] <= 1
+
+
+def test_runs_saved_before_the_new_keys_resume_and_are_reused(tmp_path):
+    """A 0.2 checkpoint or finished run has no method, plugins, options, tf32 or deterministic key:
+    those take their defaults (and the method is inferred), so it resumes and is reused."""
+    import yaml
+
+    from reidlib.engine.checkpoint import check_config_match
+    from reidlib.experiments.sweep import finished_run_diff
+    current = to_dict(method_config("proposed", base="tiny"))
+    old = {k: v for k, v in current.items() if k not in ("method", "plugins", "options", "tf32", "deterministic")}
+    old["test"] = {k: v for k, v in current["test"].items() if k != "tf32"}
+    check_config_match(old, current)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert finished_run_diff(tmp_path, current) == []
+    changed = {**old, "seed": 99}
+    with pytest.raises(ValueError, match="seed"):
+        check_config_match(changed, current)

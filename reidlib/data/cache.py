@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
-from ..runtime import Runtime, epoch_seed
+from ..runtime import Runtime, device_memory, epoch_seed, host_memory
 from .images import ImageDataset, UnreadableImageError, indices_by_pid, read_image
 from .sampler import DistributedIdentitySampler, RandomIdentitySampler
 from .transforms import build_transforms, gpu_train_augment, interpolation_mode
@@ -133,10 +134,76 @@ def decode_images(paths, image_size, interpolation: str = "bicubic",
     return images, skipped
 
 
+GiB = 2**30
+# What the image cache must leave free for training itself (weights, activations, Adam's moments,
+# the allocator's fragmentation): a quarter of the memory plus 2 GiB.
+KEEP_FRACTION, KEEP_BYTES = 0.25, 2 * GiB
+
+
+def cache_bytes(num_images: int, image_size) -> int:
+    """Bytes of the uint8 image cache: N x 3 x H x W.
+
+    >>> round(cache_bytes(12936, (256, 128)) / GiB, 2)       # Market-1501's train set
+    1.18
+    """
+    return int(num_images) * 3 * int(image_size[0]) * int(image_size[1])
+
+
+def _usable(free: int, total: int) -> int:
+    return int(free - KEEP_FRACTION * total - KEEP_BYTES)
+
+
+def plan_image_cache(need: int, where: str, device_free: int, device_total: int,
+                     host_free: int | None = None, host_total: int | None = None,
+                     ranks_on_host: int = 1) -> tuple[bool, str]:
+    """Whether an image cache of ``need`` bytes fits, and the log line that says so.
+
+    It must fit on the device and, while it is decoded, in host RAM (every rank on the host
+    decodes its own copy), each keeping 25% + 2 GiB free for training; ``host_free`` None skips
+    the host check. A pure function: tests pass made-up numbers.
+
+    >>> plan_image_cache(cache_bytes(12936, (256, 128)), "cuda:0", 79 * GiB, 80 * GiB)
+    (True, 'image cache: 1.18 GiB on cuda:0')
+    >>> plan_image_cache(10 * GiB, "cuda:0", 15 * GiB, 16 * GiB)[1]
+    'image cache off: needs 10.00 GiB, 15.00 GiB free on cuda:0 (25% + 2 GiB kept for training); using the DataLoader'
+    """
+    host_need = need * max(1, ranks_on_host)
+    if need > _usable(device_free, device_total):
+        short = f"{device_free / GiB:.2f} GiB free on {where}"
+    elif host_free is not None and host_total is not None and host_need > _usable(host_free, host_total):
+        short = f"{host_free / GiB:.2f} GiB free in host RAM to decode it"
+        need = host_need
+    else:
+        return True, f"image cache: {need / GiB:.2f} GiB on {where}"
+    return False, (f"image cache off: needs {need / GiB:.2f} GiB, {short} (25% + 2 GiB kept for training); "
+                   "using the DataLoader")
+
+
+def _all_ranks_agree(fits: bool, runtime: Runtime) -> bool:
+    """True only when every rank's cache fits: the ranks must take the same path (stage 1 gathers
+    features over ranks on the DataLoader path only)."""
+    if not runtime.distributed or not dist.is_initialized():
+        return fits
+    flag = torch.tensor(int(fits), device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def make_image_cache(dataset, cfg, runtime: Runtime):
     """On CUDA (and ``data.gpu_augment``): every training image decoded once into a uint8 tensor
-    on the GPU, shared by stage 1's feature cache and stage 2's augmentation; None elsewhere."""
+    on the GPU, shared by stage 1's feature cache and stage 2's augmentation; None elsewhere, and
+    None (the DataLoader path, one log line says why) when it would not leave room for training."""
     if runtime.device.type != "cuda" or not cfg.data.gpu_augment:
+        return None
+    need = cache_bytes(len(dataset.train), cfg.model.image_size)
+    fits, line = plan_image_cache(need, str(runtime.device), *device_memory(runtime.device), *host_memory(),
+                                  ranks_on_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    agreed = _all_ranks_agree(fits, runtime)     # every rank calls it once: a collective
+    if fits and not agreed:
+        line = "image cache off: another rank's device has no room for it; using the DataLoader"
+    if runtime.is_main:
+        log.info(line)
+    if not agreed:
         return None
     return TrainImageCache(dataset.train, cfg.model.image_size,
                            interpolation=cfg.data.interpolation).to(runtime.device)
@@ -175,14 +242,14 @@ class TrainBatches:
         device = self.runtime.device
         if self.cache is not None:
             indices = torch.tensor(list(iter(self.sampler)), device=device)
-            generator = torch.Generator(device=device).manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
+            generator = torch.Generator(device=device).manual_seed(self._seed(epoch))
             for batch in indices.split(self.batch_size):
                 if len(batch) < self.batch_size:
                     break
                 images = gpu_train_augment(self.cache.images[batch], self.cfg.data, generator=generator)
                 yield images, self.labels[batch], self.cams[batch], self.views[batch]
             return
-        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, 2, epoch))
+        generator = torch.Generator().manual_seed(self._seed(epoch))
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                             num_workers=self.cfg.data.num_workers, drop_last=True, generator=generator,
                             pin_memory=device.type == "cuda",
@@ -190,6 +257,11 @@ class TrainBatches:
         for images, pids, camids, index in loader:
             yield (images.to(device, non_blocking=True), pids.to(device, non_blocking=True),
                    camids.to(device, non_blocking=True), self.views[index].to(device, non_blocking=True))
+
+    def _seed(self, epoch: int) -> int:
+        """The augmentation seed of ``epoch`` on this rank (the sampler's own seed is shared by all
+        ranks, so that their identities do not overlap)."""
+        return epoch_seed(self.cfg.seed, 2, epoch, self.runtime.rank)
 
     @property
     def unreadable_indices(self) -> list[int]:

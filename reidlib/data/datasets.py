@@ -365,6 +365,28 @@ def _drop_junk(name: str, where: Path | str, items: list[Item]) -> list[Item]:
     return kept
 
 
+def _checked_list(name: str, where: Path | str, items: list[Item]) -> list[Item]:
+    """A list file's or CSV's items with repeated lines dropped (counted in a log line); an image
+    listed under two identities or cameras, or a pid below -1, is an error naming the file: either
+    would train or score with a wrong label."""
+    low = next((it for it in items if it[1] < -1), None)
+    if low is not None:
+        raise ValueError(f"{name}: {where} gives {low[0]} pid {low[1]}; identities are >= 0 (-1 marks junk)")
+    labels: dict[str, tuple[int, int]] = {}
+    kept = []
+    for path, pid, camid in items:
+        seen = labels.setdefault(path, (pid, camid))
+        if seen != (pid, camid):
+            raise ValueError(f"{name}: {where} lists {path} twice, as pid {seen[0]} camera {seen[1]} and as pid "
+                             f"{pid} camera {camid}; keep one line per image")
+        if len(labels) > len(kept):
+            kept.append((path, pid, camid))
+    if len(kept) < len(items):
+        log.warning("%s: skipped %d repeated line(s) in %s (the same image and labels again)", name,
+                    len(items) - len(kept), where)
+    return kept
+
+
 def _require_images(name: str, where: Path | str, items: list[Item]) -> list[Item]:
     if not items:
         raise ValueError(f"{name}: no usable images in {where}")
@@ -566,7 +588,8 @@ def _read_msmt_list(base: Path, image_dir: Path, list_name: str, optional: bool 
         except (ValueError, IndexError):
             bad.append(line.strip())
     _warn_unparsable("msmt17", list_path, bad, "'rel/path pid' with a file name PID_IDX_CAM_...")
-    items = _require_images("msmt17", list_path, _drop_junk("msmt17", list_path, items))
+    items = _checked_list("msmt17", list_path, _drop_junk("msmt17", list_path, items))
+    items = _require_images("msmt17", list_path, items)
     prefix = _list_prefix(list_path, items[0][0], [image_dir, base])
     return [(str(prefix / rel), pid, cam) for rel, pid, cam in items]
 
@@ -625,7 +648,7 @@ def _read_csv(root: Path, csv_path: Path) -> list[Item]:
     """Rows ``path,pid[,camid]``; without a camid column every camid is -1."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"folder: missing {csv_path} (columns path,pid[,camid])")
-    with open(csv_path, newline="") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:   # -sig: Excel's BOM is no part of "path"
         reader = csv.DictReader(fh)
         missing = {"path", "pid"} - set(reader.fieldnames or [])
         if missing:
@@ -633,7 +656,8 @@ def _read_csv(root: Path, csv_path: Path) -> list[Item]:
                              f"expected a header row path,pid,camid (or path,pid without cameras)")
         has_camid = "camid" in (reader.fieldnames or [])
         items = [_csv_item(root, csv_path, line, row, has_camid) for line, row in enumerate(reader, start=2)]
-    items = _require_images("folder", csv_path, _drop_junk("folder", csv_path, items))
+    items = _require_images("folder", csv_path, _checked_list("folder", csv_path, _drop_junk("folder", csv_path,
+                                                                                               items)))
     if not Path(items[0][0]).is_file():
         raise FileNotFoundError(f"folder: {csv_path} names {items[0][0]}, which does not exist "
                                 f"(paths are relative to {root})")

@@ -74,6 +74,11 @@ class PretrainRecipe:
     temperature: float = 0.07        # CLIP's initial temperature; learned from there
 
     def __post_init__(self):
+        # inf passes "> 0" and trains to NaN: every number must be finite first
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"pretraining recipe: {field.name} must be a finite number, got {value}")
         positive = ("identities", "max_per_identity", "steps", "lr", "temperature")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -127,6 +132,7 @@ def build_miniature(recipe: PretrainRecipe = PretrainRecipe(), cache_dir: str | 
                      max_per_identity=recipe.max_per_identity, overwrite=True)
     generated = time.time() - started
     clip, history = pretrain_clip(web, recipe, device=device, echo=echo)
+    _refuse_non_finite(clip.state_dict(), recipe)   # a NaN miniature cached would poison every later run
     save_checkpoint(path, {"name": recipe.name, "epoch": history["epochs"], "state_dict": clip.state_dict(),
                            "recipe": dataclasses.asdict(recipe), "recipe_version": RECIPE_VERSION})
     write_json(path.with_suffix(".json"), {
@@ -135,6 +141,13 @@ def build_miniature(recipe: PretrainRecipe = PretrainRecipe(), cache_dir: str | 
         "threads": torch.get_num_threads(), **history})
     echo(f"pretrained miniature written to {path} in {time.time() - started:.0f} s")
     return path
+
+
+def _refuse_non_finite(state: dict, recipe: PretrainRecipe) -> None:
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"pretraining diverged: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}); "
+                         f"nothing cached; lower the learning rate (lr={recipe.lr})")
 
 
 def pretrain_clip(web_root: str | Path, recipe: PretrainRecipe, device: str = "cpu", echo=log.info):
@@ -179,6 +192,9 @@ def pretrain_clip(web_root: str | Path, recipe: PretrainRecipe, device: str = "c
         with torch.no_grad():
             clip.logit_scale.clamp_(0, MAX_LOG_SCALE)
         if step % 25 == 0 or step == recipe.steps - 1:
+            if not math.isfinite(loss.item()):   # checked where the loss is read anyway: no extra sync
+                raise ValueError(f"pretraining diverged at step {step + 1}: loss {loss.item()}; nothing cached; "
+                                 f"lower the learning rate (lr={recipe.lr})")
             history["step"].append(step + 1)
             history["loss"].append(round(loss.item(), 4))
             history["temperature"].append(round(1 / clip.logit_scale.exp().item(), 5))

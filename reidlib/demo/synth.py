@@ -41,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -452,8 +455,34 @@ def _write_all(jobs: list[tuple], out: Path, seed: int, workers: int | None) -> 
     write = functools.partial(_write, out=str(out), seed=seed)
     if workers == 1:
         return [write(job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return list(pool.map(write, jobs, chunksize=64))
+
+
+_PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer. A parent killed with SIGKILL cannot stop its pool, and the workers would
+    draw images for nobody, forever: on Linux the kernel sends each worker SIGKILL when its
+    parent dies (prctl PR_SET_PDEATHSIG); elsewhere a thread polls the parent's pid."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:   # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit once this process has been handed to another parent (its own died)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def write_captions(jobs: list[tuple], out: Path, seed: int) -> Path:

@@ -64,7 +64,7 @@ def caption_retrieval(clip, images: torch.Tensor, captions: list[str]) -> dict:
         raise ValueError(f"caption_retrieval wants one caption per image, got {len(images)} images "
                          f"and {len(captions)} captions")
     similarity = image_embeddings(clip, images) @ text_embeddings(clip, captions).T
-    truth = torch.arange(len(captions))
+    truth = torch.arange(len(captions), device=similarity.device)   # beside the model's similarities
     return {"image_to_text_rank1": (similarity.argmax(1) == truth).float().mean().item(),
             "text_to_image_rank1": (similarity.argmax(0) == truth).float().mean().item(),
             "chance": 1 / len(captions), "n": len(captions)}

@@ -19,6 +19,8 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import re
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import config_diff
+from ..config import config_diff, with_defaults
 
 # Config keys that may change between a run and its resume without changing what is trained:
 # where things live, how often to log/save/evaluate, and the test-time settings.
@@ -114,12 +116,38 @@ def restore_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- config checks
 
+def train_list_fingerprint(dataset) -> dict:
+    """``{"images": N, "sha256": ...}`` of the training list: its sorted (path relative to the data
+    set's root, pid, camid) lines. Stored in every checkpoint, so that a run resumed on another data
+    set of the same name and size (``data.root`` may change on resume: the data moved) is caught.
+
+    >>> class D: root, train = "/d", [("/d/b.jpg", 1, 0), ("/d/a.jpg", 0, 2)]
+    >>> train_list_fingerprint(D())["images"]
+    2
+    """
+    lines = sorted(f"{os.path.relpath(path, dataset.root)}\t{pid}\t{camid}" for path, pid, camid in dataset.train)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return {"images": len(lines), "sha256": digest}
+
+
+def check_train_list(saved: dict | None, current: dict, checkpoint, root) -> None:
+    """Raise ValueError when a checkpoint was trained on another training list than ``current``
+    (:func:`train_list_fingerprint`); checkpoints written before fingerprints existed pass."""
+    if not saved or saved.get("sha256") == current["sha256"]:
+        return
+    how = ("as many images, but other file names, identities or cameras" if saved.get("images") == current["images"]
+           else f"{saved.get('images')} images in the checkpoint's, {current['images']} now")
+    raise ValueError(f"{checkpoint} was trained on another training list than data.root={root} gives ({how}); "
+                     "resume with the data it was trained on, or start a new run (resume=none or another "
+                     "output_dir)")
+
+
 def check_config_match(saved: dict, current: dict, ignore=RESUME_IGNORE) -> None:
     """Raise ValueError listing the differing keys, if any.
 
     >>> check_config_match({"lr": 1}, {"lr": 1})
     """
-    diff = config_diff(saved, current, ignore)
+    diff = config_diff(with_defaults(saved), current, ignore)
     if diff:
         raise ValueError(f"the checkpoint's config differs from the current one in {len(diff)} "
                          f"key(s): {'; '.join(diff)}; resume with the same config, or start a "

@@ -20,6 +20,7 @@ import logging
 from ..eval.extract import evaluate_model
 from ..methods import Stage, StageContext
 from ..methods.base import log_parameters
+from ..runtime import tf32_mode
 
 log = logging.getLogger("reidlib")
 
@@ -57,7 +58,8 @@ def run_stage(stage: Stage, ctx: StageContext, resume: dict | None, save) -> lis
         done = epoch + 1
         period = stage.eval_period(cfg)
         if period > 0 and done % period == 0 and done < epochs:
-            metrics = evaluate_model(model, ctx.dataset, cfg, runtime, progress=False)
+            with tf32_mode(cfg.test.tf32):
+                metrics = evaluate_model(model, ctx.dataset, cfg, runtime, progress=False)
             runtime.log_metrics({"stage": stage.number, "epoch": done, "eval": metrics})
         if _due(done, epochs, stage.checkpoint_period(cfg)):
             save(optimizer, stage.number, done)

@@ -13,30 +13,41 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
 import yaml
 
-from ..config import Config, to_dict
+from ..config import Config, to_dict, validate
 from ..data import dataset_from_config, make_image_cache
 from ..eval.extract import check_valid_queries, evaluate_model
-from ..files import load_checkpoint, remove_stale_temp_files, require_file, save_checkpoint, write_json
+from ..files import (
+    load_checkpoint,
+    lock_folder,
+    remove_stale_temp_files,
+    require_file,
+    save_checkpoint,
+    write_json,
+)
 from ..methods import StageContext, method_for, run_label
 from ..methods import build as build_method_model
 from ..methods.trained import load_trained_model
 from ..optim import check_finite_weights
-from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime
+from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime, tf32_mode, to_cpu
 from ..weights import final_model, model_record, save_trained
 from ..weights.trained import MODEL_FOLDER
 from .checkpoint import (
     RESUME_IGNORE,
     capture_rng_state,
     check_config_match,
+    check_train_list,
     checkpoint_name,
     find_latest_checkpoint,
     restore_rng_state,
+    train_list_fingerprint,
 )
 from .loop import run_stages
 from .preflight import check_before_training
@@ -54,23 +65,30 @@ def _save_epoch(runtime: Runtime, cfg: Config, model, optimizer, stage: int, epo
         return
     path = runtime.output_dir / checkpoint_name(stage, epoch)
     record = _final_record(model, cfg, dataset)
-    save_checkpoint(path, {
+    scaler = {"scaler": runtime.scaler.state_dict()} if runtime.scaler is not None else {}
+    # to_cpu: a GPU run's tensors (weights, Adam's moments, fused Adam's steps) load on any machine
+    save_checkpoint(path, to_cpu({
         "stage": stage, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-        **record,
-    })
+        "train_list": train_list_fingerprint(dataset), **scaler, **record,
+    }))
     for old in runtime.output_dir.glob("checkpoint_stage*_e*.pt"):
         if old != path:
             old.unlink()
 
 
-def _resume_state(cfg: Config, runtime: Runtime) -> dict | None:
+def _resume_state(cfg: Config, runtime: Runtime, dataset) -> dict | None:
     if cfg.resume == "none":
         return None
     path = find_latest_checkpoint(runtime.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
     if path is None:
         return None
-    state = load_checkpoint(path, map_location="cpu")
+    state = {} if path.is_dir() else load_checkpoint(path, map_location="cpu")   # a folder: a final model
+    if not (isinstance(state, dict) and {"stage", "epoch", "optimizer", "rng"} <= set(state)):
+        raise ValueError(f"resume={path}: a trained model, not a resumable checkpoint (checkpoint_stage*_e*.pt, "
+                         "with the optimizer's state); to continue a run pass resume=auto, to start from these "
+                         "weights pass model.pretrained=PATH")
     check_config_match(state["config"], to_dict(cfg), ignore=RESUME_IGNORE)
+    check_train_list(state.get("train_list"), train_list_fingerprint(dataset), path, cfg.data.root)
     log.info("resuming from %s (stage %d, %d epochs done)", path, state["stage"], state["epoch"])
     runtime.log_metrics({"event": "resume", "checkpoint": str(path), "stage": state["stage"],
                          "epoch": state["epoch"]})
@@ -93,7 +111,7 @@ def _final_record(model, cfg: Config, dataset) -> dict:
 def _save_final(runtime: Runtime, record: dict) -> None:
     """The trained model as a folder: model.safetensors + config.json (the card), read without pickle."""
     card = {k: v for k, v in record.items() if k != "model"}
-    save_trained(final_model(runtime.output_dir).with_name(MODEL_FOLDER), record["model"], card)
+    save_trained(final_model(runtime.output_dir).with_name(MODEL_FOLDER), to_cpu(record["model"]), card)
 
 
 def train(cfg: Config, dataset=None) -> dict:
@@ -102,9 +120,34 @@ def train(cfg: Config, dataset=None) -> dict:
 
     Before any training: the output folder must be writable, stage 2's P x K batches possible and
     at least one query scorable (:mod:`~reidlib.engine.preflight`). A non-finite loss stops the
-    run; the model folder is written before the final evaluation and again with its metrics."""
+    run; the model folder is written before the final evaluation and again with its metrics.
+    The run holds a lock on its folder: a second process training there fails at once."""
+    validate(cfg)         # a config changed in Python never went through load_config's checks
+    _check_input_files(cfg)
     method = method_for(cfg)
     method.check(cfg)     # before anything is written: a setting the method cannot train with
+    # rank 0 only under torchrun: the ranks of one run share its folder
+    with lock_folder(cfg.output_dir) if os.environ.get("RANK", "0") == "0" else _no_lock():
+        return _train(cfg, method, dataset)
+
+
+@contextlib.contextmanager
+def _no_lock():
+    yield
+
+
+def _check_input_files(cfg: Config) -> None:
+    """A missing resume= or stage1_weights= file, named by its own key (not "pass weights=")."""
+    hints = {"resume": "pass resume=auto (the run folder's latest checkpoint), resume=none, or a "
+                       "checkpoint_stage*_e*.pt",
+             "stage1_weights": "pass a checkpoint of a run whose stage 1 finished (checkpoint_stage*_e*.pt)"}
+    for key, hint in hints.items():
+        value = getattr(cfg, key)
+        if value and value not in ("auto", "none") and not Path(value).exists():
+            raise FileNotFoundError(f"{key}={value}: no such file; {hint}")
+
+
+def _train(cfg: Config, method, dataset) -> dict:
     runtime = setup_runtime(cfg)
     if runtime.is_main:
         stale = remove_stale_temp_files(runtime.output_dir)
@@ -118,10 +161,12 @@ def train(cfg: Config, dataset=None) -> dict:
     seed_everything(cfg.seed)  # before the build: random-init weights depend on it
     model = build_method_model(cfg, num_classes=dataset.num_train_pids, num_cameras=dataset.num_train_cams,
                                num_views=dataset.num_views).to(runtime.device)
-    resume = _resume_state(cfg, runtime)
+    resume = _resume_state(cfg, runtime, dataset)
     if resume is not None:
         model.load_state_dict(resume["model"])
         restore_rng_state(resume["rng"])
+        if runtime.scaler is not None and resume.get("scaler"):
+            runtime.scaler.load_state_dict(resume["scaler"])     # fp16: the loss scale it had reached
     image_cache = make_image_cache(dataset, cfg, runtime)
     unreadable = list(image_cache.unreadable_indices) if image_cache is not None else []
     ctx = StageContext(model, dataset, cfg, runtime, image_cache)
@@ -129,7 +174,8 @@ def train(cfg: Config, dataset=None) -> dict:
     def save(optimizer, stage: int, epoch: int) -> None:
         _save_epoch(runtime, cfg, model, optimizer, stage, epoch, dataset)
 
-    unreadable += run_stages(method.stages(cfg), ctx, resume, save)
+    with tf32_mode(cfg.tf32):     # for training only: evaluation runs under test.tf32
+        unreadable += run_stages(method.stages(cfg), ctx, resume, save)
     del image_cache, ctx
     num_unreadable = _count_over_ranks(unreadable, runtime)
     check_finite_weights(model.state_dict(), "the final model")  # every rank, as at each epoch
@@ -139,7 +185,8 @@ def train(cfg: Config, dataset=None) -> dict:
                         "same person", num_unreadable)
         # Saved before the evaluation, so that a failing evaluation cannot lose the trained model.
         _save_final(runtime, _final_record(model, cfg, dataset))
-    metrics = evaluate_model(model, dataset, cfg, runtime)
+    with tf32_mode(cfg.test.tf32):
+        metrics = evaluate_model(model, dataset, cfg, runtime)
     metrics["num_unreadable_train_images"] = num_unreadable
     if runtime.is_main:
         _save_final(runtime, {**_final_record(model, cfg, dataset), "metrics": metrics})
@@ -155,6 +202,7 @@ def train(cfg: Config, dataset=None) -> dict:
 
 def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
     """Evaluate a trained model (``weights`` or ``cfg.test.weights``) on the configured data set."""
+    validate(cfg)
     weights = weights or cfg.test.weights
     if not weights:
         raise ValueError("no weights given: pass weights=PATH (a run's model folder, a checkpoint or a "
@@ -164,7 +212,8 @@ def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
     dataset = dataset or dataset_from_config(cfg)
     check_valid_queries(dataset)  # before the model is loaded and any image encoded
     model, _ = load_trained_model(weights, cfg, device=runtime.device)
-    metrics = evaluate_model(model, dataset, cfg, runtime)
+    with tf32_mode(cfg.test.tf32):
+        metrics = evaluate_model(model, dataset, cfg, runtime)
     if runtime.is_main:
         write_json(runtime.output_dir / "test_metrics.json", {"weights": str(weights), **metrics})
     runtime.close()

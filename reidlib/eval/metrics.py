@@ -42,6 +42,7 @@ from .distance import (
     as_tensor,
     check_finite,
     check_metric,
+    cpu_threads,
     resolve_device,
     squared_norms,
 )
@@ -256,6 +257,11 @@ def evaluate(
         distmat = _checked_matrix(distmat)
         shape, names = tuple(distmat.shape), ("distmat", "distmat columns")
     labels = _checked_labels(q_pids, g_pids, q_camids, g_camids, shape, names, dev)
+    with cpu_threads(dev):   # as many threads as there are free cores: see cpu_threads
+        return _evaluate(qf, gf, distmat, labels, shape, metric, normalize, max_rank, chunk_size, dev, rerank)
+
+
+def _evaluate(qf, gf, distmat, labels, shape, metric, normalize, max_rank, chunk_size, dev, rerank) -> dict:
     if rerank:
         distances = _MatrixDistances(_reranked(qf, gf, normalize, rerank, dev), dev, chunk_size)
     elif distmat is None:

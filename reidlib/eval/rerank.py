@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distance import CHUNK_ELEMENTS, GalleryDistance, check_finite, resolve_device, squared_norms
+from .distance import CHUNK_ELEMENTS, GalleryDistance, check_finite, cpu_threads, resolve_device, squared_norms
 
 # The nearest-neighbour lists keep this many times (k1 + 1) entries: the distance of a row to most
 # members of its expanded set is then read from the list instead of being recomputed.
@@ -85,6 +85,14 @@ def rerank(
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"qf has dimension {q.shape[1]} but gf has dimension {g.shape[1]}")
     dev = resolve_device(device, qf, gf)
+    with cpu_threads(dev):   # as many threads as there are free cores: see cpu_threads
+        result = _rerank(q, g, k1, k2, lambda_value, chunk_size, dev, memory_budget_gb)
+    if isinstance(qf, torch.Tensor):
+        return result.to(qf.device)
+    return result.cpu().numpy()
+
+
+def _rerank(q, g, k1, k2, lambda_value, chunk_size, dev, memory_budget_gb) -> torch.Tensor:
     num_query, num_gallery = len(q), len(g)
     n = num_query + num_gallery
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // n)
@@ -102,10 +110,7 @@ def rerank(
         _sparse_rows(members, weights)
     )
     _mix_jaccard(result, encoding, num_query, lambda_value, chunk)
-
-    if isinstance(qf, torch.Tensor):
-        return result.to(qf.device)
-    return result.cpu().numpy()
+    return result
 
 
 # --------------------------------------------------------------------------------------------

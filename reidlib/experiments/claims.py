@@ -26,12 +26,19 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 CLAIM_FILE = "claim.json"
 LOCK_FILE = ".claims.lock"
+# A claim file is written in the instant after its creation; one still unreadable this long after
+# (garbage, or its writer killed in between) belongs to nobody and is taken over.
+UNREADABLE_CLAIM_SECONDS = 60
+
+log = logging.getLogger("reidlib")
 
 
 def owner_record() -> dict:
@@ -65,6 +72,18 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def is_abandoned(folder: Path, record: dict | None) -> bool:
+    """A claim that cannot say who holds it (not a JSON record with an int ``pid`` and a ``host``)
+    and was written more than :data:`UNREADABLE_CLAIM_SECONDS` ago: no process will ever release it."""
+    if record is None or (isinstance(record.get("pid"), int) and record.get("host")):
+        return False
+    try:
+        age = time.time() - (Path(folder) / CLAIM_FILE).stat().st_mtime
+    except OSError:
+        return False
+    return age > UNREADABLE_CLAIM_SECONDS
 
 
 def is_stale(record: dict | None) -> bool:
@@ -108,7 +127,13 @@ def claim_run(folder: Path, lock_root: Path | None = None) -> Path | None:
     if _create(path):
         return path
     with _host_lock(Path(lock_root) if lock_root else folder.parents[2]):
-        if is_stale(read_claim(folder)):
+        record = read_claim(folder)
+        if is_abandoned(folder, record):
+            log.warning("%s: unreadable claim (%s), older than %d s: taken over", path,
+                        (path.read_bytes()[:60] if path.is_file() else b"").decode("utf-8", "replace") or "empty",
+                        UNREADABLE_CLAIM_SECONDS)
+            path.unlink(missing_ok=True)
+        elif is_stale(record):
             path.unlink(missing_ok=True)
         return path if _create(path) else None
 

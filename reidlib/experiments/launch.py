@@ -27,9 +27,13 @@ def gpu_slots(gpus: str | None, per_run: int = 1) -> list[tuple[str, ...]]:
     >>> gpu_slots(None)
     []
     """
-    if not gpus:
+    if gpus is None or gpus == "":
         return []
-    ids = tuple(g.strip() for g in str(gpus).split(",") if g.strip())
+    ids = tuple(g.strip() for g in str(gpus).split(","))
+    bad = [g for g in ids if not (g.isascii() and g.isdigit())]
+    if bad:   # "abc", "-1", "0-3", "1.5", "0,,1": a pinned worker would see no GPU, or another one
+        raise ValueError(f"--gpus {gpus}: {bad[0]!r} is not a GPU id; give non-negative integers separated by "
+                         "commas, e.g. --gpus 0,1,2,3")
     if per_run < 1:
         raise ValueError(f"--gpus-per-run must be at least 1 (got {per_run})")
     if len(set(ids)) != len(ids):
@@ -78,7 +82,6 @@ def train_run(cfg, dataset=None, nproc: int = 1) -> dict:
     """Train one run and return its final metrics: in this process (``nproc`` 1), or with
     ``torchrun`` over ``nproc`` processes (one per visible GPU; gloo on the CPU) started from the
     resolved config written to ``<output_dir>/launch_config.yaml``. What train_eval.ipynb calls."""
-    import json
     if nproc <= 1:
         from ..engine.trainer import train
         return train(cfg, dataset=dataset)
@@ -89,7 +92,8 @@ def train_run(cfg, dataset=None, nproc: int = 1) -> dict:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
         raise RuntimeError(f"torchrun over {nproc} processes failed (exit {done.returncode}): {last.strip()}")
-    return json.loads((out / "metrics.json").read_text())
+    from ..files import read_metrics
+    return read_metrics(out / "metrics.json")
 
 
 def make_executor(launcher: str, folder: str | Path, partition: str | None = None, time_min: int = 240,

@@ -6,7 +6,8 @@ States, in this order of precedence:
 - ``running``: a claim (``claim.json``) held by a live process, or by a process on another host;
 - ``killed``: a claim left by a process that no longer exists on this host (the next sweep takes
   it over and resumes the run from its last checkpoint);
-- ``done``: ``metrics.json`` exists (Rank-1 and mAP shown);
+- ``done``: ``metrics.json`` parses and holds the metrics (Rank-1 and mAP shown; a damaged one
+  counts as not done, and its error is shown when nothing else says more);
 - ``failed``: the last attempt failed (``failed.json``: its error line);
 - ``queued``: a sweep queued or submitted it (``queued.json``; the SLURM job id when there is one);
 - ``partial``: checkpoints but no result and no owner (a stopped sweep; resumes when run again).
@@ -20,7 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .claims import is_stale, read_claim
+from ..files import read_metrics
+from .claims import is_abandoned, is_stale, read_claim
 
 NOT_RUNS = ("runs", "superseded")
 
@@ -42,17 +44,20 @@ def run_folders(root: str | Path) -> list[Path]:
 def run_state(folder: Path) -> tuple[str, str]:
     """(state, detail) of one run folder; see the module's docstring."""
     claim = read_claim(folder)
+    if claim is not None and is_abandoned(folder, claim):
+        return "killed", "claim.json unreadable (owner unknown): a new sweep takes it over and resumes the run"
     if claim is not None:
         who = f"pid {claim.get('pid')} on {claim.get('host')} since {claim.get('time')}"
         if claim.get("slurm_job_id"):
             who += f", SLURM job {claim['slurm_job_id']}"
         return ("killed", f"{who}: gone; a new sweep resumes it") if is_stale(claim) else ("running", who)
+    damaged = None
     if (folder / "metrics.json").is_file():
-        m = _read(folder / "metrics.json")
         try:
-            return "done", f"Rank-1 {100 * m['rank1']:.2f} %, mAP {100 * m['mAP']:.2f} %"
-        except (KeyError, TypeError, ValueError):
-            return "done", "metrics.json unreadable"
+            m = read_metrics(folder / "metrics.json")
+            return "done", f"Rank-1 {100 * float(m['rank1']):.2f} %, mAP {100 * float(m['mAP']):.2f} %"
+        except (OSError, TypeError, ValueError) as err:
+            damaged = f"{err}"   # not done: the next sweep runs it again
     if (folder / "failed.json").is_file():
         record = _read(folder / "failed.json")
         lines = str(record.get("error", "error not recorded")).strip().splitlines() or ["error not recorded"]
@@ -63,6 +68,8 @@ def run_state(folder: Path) -> tuple[str, str]:
             return "queued", f"{record.get('launcher')} job {record['job_id']} since {record.get('time')}"
         gone = is_stale(record)  # the sweep that queued it, on this host, is gone
         return "queued", f"since {record.get('time')}" + ("; its sweep has stopped" if gone else "")
+    if damaged:
+        return "partial", damaged
     if any(folder.glob("checkpoint_*.pt")):
         return "partial", "checkpoints, no owner: resumes when the sweep runs again"
     return "empty", ""

@@ -23,7 +23,8 @@ processes (CPU: one thread each); ``--gpus 0,1,..`` workers pinned with CUDA_VIS
 ``--gpus-per-run K`` runs trained with torchrun over K GPUs; ``--launcher slurm`` one submitit job
 per run. ``python -m reidlib sweep --status RESULTS`` prints every run's state (reidlib.experiments.status).
 
-A run is complete when its ``metrics.json`` exists and its resolved ``config.yaml`` equals the
+A run is complete when its ``metrics.json`` parses (a damaged one is set aside, and the run runs
+again) and its resolved ``config.yaml`` equals the
 config the sweep would run now (keys in :data:`REUSE_IGNORE` aside: where things live, how often to
 log or save), so a sweep started again skips what is done and continues the rest (a half-trained
 run resumes from its last checkpoint: ``resume=auto``). A finished run made with other settings is
@@ -56,8 +57,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import config_diff, dataset_keys, to_dict
+from ..config import config_diff, dataset_keys, to_dict, with_defaults
 from ..engine.checkpoint import RESUME_IGNORE
+from ..files import has_metrics, read_metrics
 from .claims import claim_run, owner_record, read_claim, release_claim
 from .launch import LAUNCHERS, gpu_slots, make_executor, train_run, worker_environment
 from .layout import run_dir
@@ -220,7 +222,7 @@ def finished_run_diff(folder: Path, expected: dict) -> list[str]:
         return [f"config.yaml: unreadable ({type(err).__name__}), so its settings are unknown"]
     if not isinstance(saved, dict):
         return ["config.yaml: not a mapping, so its settings are unknown"]
-    return config_diff(saved, expected, REUSE_IGNORE, names=("finished run", "this sweep"))
+    return config_diff(with_defaults(saved), expected, REUSE_IGNORE, names=("finished run", "this sweep"))
 
 
 def move_aside(root: Path, run: Run, stamp: str) -> Path:
@@ -245,16 +247,16 @@ def _log_failure(results_root: Path, run: Run | str, message: str, notebook: Pat
 
 def _headline(folder: Path) -> str:
     try:
-        m = json.loads((folder / "metrics.json").read_text())
+        m = read_metrics(folder / "metrics.json")
         return f"Rank-1 {100 * m['rank1']:.1f} %, mAP {100 * m['mAP']:.1f} %"
     except (OSError, ValueError, KeyError, TypeError):
         return "no metrics.json"
 
 
 def run_complete(folder: Path, expected: dict, test_on=()) -> bool:
-    """Whether a run needs nothing more: its ``metrics.json`` exists, its config is ``expected``
-    (:func:`finished_run_diff`) and every data set of ``test_on`` is in its cross metrics."""
-    if not (folder / "metrics.json").is_file() or finished_run_diff(folder, expected):
+    """Whether a run needs nothing more: its ``metrics.json`` parses and holds the metrics, its config
+    is ``expected`` (:func:`finished_run_diff`) and every data set of ``test_on`` is in its cross metrics."""
+    if not has_metrics(folder) or finished_run_diff(folder, expected):
         return False
     return not _missing_cross(folder, test_on)
 
@@ -272,9 +274,9 @@ def train_or_reuse(cfg, dataset=None, nproc: int = 1) -> dict:
     with this very config (e.g. only its cross-data-set evaluation was missing), else trained, in
     this process or with torchrun over ``nproc`` processes (:func:`~reidlib.experiments.launch.train_run`)."""
     folder = Path(cfg.output_dir)
-    if (folder / "metrics.json").is_file() and not finished_run_diff(folder, to_dict(cfg)):
+    if has_metrics(folder) and not finished_run_diff(folder, to_dict(cfg)):
         logging.getLogger("reidlib").info("%s: finished with this config, reusing its metrics.json", folder)
-        return json.loads((folder / "metrics.json").read_text())
+        return read_metrics(folder / "metrics.json")
     return train_run(cfg, dataset, nproc)
 
 
@@ -302,6 +304,7 @@ def execute_run(task: RunTask) -> tuple[str, str | None, float]:
         return "claimed", describe_claim(read_claim(folder)), 0.0
     try:
         (folder / QUEUED_FILE).unlink(missing_ok=True)
+        _set_aside_damaged_metrics(folder)
         if not task.force and run_complete(folder, task.expected, task.params.get("test_on")):
             return "complete", None, 0.0
         if task.force and (folder / "metrics.json").is_file():  # so that train_or_reuse trains again
@@ -310,6 +313,18 @@ def execute_run(task: RunTask) -> tuple[str, str | None, float]:
         return ("failed" if message else "ran"), message, seconds
     finally:
         release_claim(claim)
+
+
+def _set_aside_damaged_metrics(folder: Path) -> None:
+    """A metrics.json that does not parse (a copy cut short) marks no finished run: it is kept as
+    metrics.damaged.json, and the run trains again (resuming from its checkpoints)."""
+    path = folder / "metrics.json"
+    if path.is_file() and not has_metrics(folder):
+        try:
+            read_metrics(path)
+        except (OSError, ValueError) as err:
+            logging.getLogger("reidlib").warning("%s; kept as metrics.damaged.json, running the run again", err)
+        path.replace(folder / "metrics.damaged.json")
 
 
 def describe_claim(record: dict | None) -> str:
@@ -321,11 +336,11 @@ def describe_claim(record: dict | None) -> str:
 
 def _run_notebook(task: RunTask, folder: Path) -> tuple[str | None, float]:
     started = time.time()
-    had_metrics = (folder / "metrics.json").is_file()  # a finished run executed for its cross evaluation
+    had_metrics = has_metrics(folder)  # a finished run executed for its cross evaluation
     try:
         execute_notebook(task.notebook, Path(task.out_nb), task.params, task.kernel_name, task.log_output)
-        if not (folder / "metrics.json").is_file():
-            raise RuntimeError(f"the notebook finished but wrote no {folder / 'metrics.json'}")
+        if not has_metrics(folder):
+            raise RuntimeError(f"the notebook finished but wrote no readable {folder / 'metrics.json'}")
     except Exception as err:  # noqa: BLE001 - any failure of one run is reported, not fatal
         message = error_message(err)
         if (folder / "metrics.json").is_file() and not had_metrics:  # failed after training: not complete
@@ -375,8 +390,12 @@ def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Pat
     Returns a :class:`SweepReport`; never raises for a failed run."""
     started = time.time()
     root = Path(results_root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--results {root}: a file, not a folder; name a results folder (it is created if missing)")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher '{launcher}': choose one of {', '.join(LAUNCHERS)}")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"--jobs {jobs}: give a positive number of runs at once, e.g. --jobs 2")
     slots = gpu_slots(gpus, gpus_per_run)
     jobs = len(slots) if jobs is None and slots else (jobs or 1)
     if slots and jobs > len(slots):
@@ -391,7 +410,7 @@ def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Pat
                                       base_config, folders[r], device))
                 for r in runs}
     test_on = {r: _cross_targets(datasets, r.dataset, data_roots) if cross else [] for r in runs}
-    finished = [r for r in runs if (folders[r] / "metrics.json").is_file() and read_claim(folders[r]) is None]
+    finished = [r for r in runs if has_metrics(folders[r]) and read_claim(folders[r]) is None]
     differing = {r: d for r in finished if not force for d in [finished_run_diff(folders[r], expected[r])] if d}
     if differing and strict:
         raise SupersededRunsError(
@@ -519,7 +538,7 @@ def _submit(tasks: dict, finish, launcher: str, root: Path, gpus_per_run: int, s
 
 
 def _compare(root: Path, runs, compare_notebook, kernel_name, log_output, report: SweepReport, echo) -> None:
-    complete = any((run_dir(root, r.dataset, r.method, r.seed) / "metrics.json").is_file() for r in runs)
+    complete = any(has_metrics(run_dir(root, r.dataset, r.method, r.seed)) for r in runs)
     if not complete:
         echo("compare: skipped, no run is complete")
         return
@@ -551,6 +570,20 @@ def parse_data_roots(values: list[str] | None):
         name, folder = value.split("=", 1)
         roots[name] = folder
     return roots
+
+
+def _check_datasets(datasets: list[str], data_roots) -> None:
+    """Before any run starts: every data set name registered, every data folder given there.
+    (Runs of a sweep fail one by one otherwise, each after its notebook's start-up.)"""
+    from ..data import dataset_names  # torch: only once a sweep is asked for
+    unknown = [d for d in datasets if d not in dataset_names()]
+    if unknown:
+        raise SystemExit(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(dataset_names())}")
+    folders = {d: _root_for(data_roots, d) for d in datasets}
+    missing = {d: f for d, f in folders.items() if f is not None and not Path(f).is_dir()}
+    if missing:
+        name, folder = next(iter(missing.items()))
+        raise SystemExit(f"--data-root: {folder} (data set {name}) is not a folder; give the folder that holds it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods if m not in variant_names()]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(variant_names())}")
+    _check_datasets(args.datasets, parse_data_roots(args.data_root))
     if args.plugins:   # absolute paths: runs start in other folders and processes
         files = [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugins]
         args.overrides = [f"plugins=[{', '.join(files)}]", *args.overrides]

@@ -16,7 +16,7 @@ Example::
 """
 # the built-in methods register themselves on import
 from . import clipreid, thesis  # noqa: E402,F401,I001
-from .base import ImageBatchStage, Method, Stage, StageContext, image_step, wrap_for_training
+from .base import ImageBatchStage, Method, Stage, StageContext, image_step, optimizer_step, wrap_for_training
 from .registry import (
     find_variant,
     get_method,
@@ -35,6 +35,6 @@ def build(cfg, num_classes: int, num_cameras: int = 0, num_views: int = 0):
     return method_for(cfg).build_model(cfg, num_classes, num_cameras, num_views)
 
 
-__all__ = ["Method", "Stage", "ImageBatchStage", "StageContext", "image_step", "wrap_for_training",
+__all__ = ["Method", "Stage", "ImageBatchStage", "StageContext", "image_step", "optimizer_step", "wrap_for_training",
            "register_method", "get_method", "method_names", "variant_names", "find_variant", "method_config",
            "run_label", "build", "load_plugins", "method_for"]

@@ -120,16 +120,47 @@ def wrap_for_training(module: nn.Module, runtime: Runtime, compile_model: bool =
     return module
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, runtime: Runtime) -> None:
+    """Backward and update, through the run's GradScaler under fp16 (``runtime.scaler``).
+
+    Example::
+
+        with runtime.autocast():
+            loss = model(x).square().mean()
+        optimizer_step(loss, optimizer, runtime)
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler = runtime.scaler
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    # fp16's range: the loss is scaled up so that small gradients do not flush to zero; a step
+    # whose gradients overflowed is skipped and the scale lowered
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def image_step(train_module, optimizer, compute_loss, images, pids, cams, views, runtime: Runtime):
     """One step on a batch of images: forward (under the run's autocast), loss, backward, update;
-    returns the detached total loss and its parts (no host sync)."""
+    returns the detached total loss and its parts (no host sync, except GradScaler's check for
+    inf gradients under fp16 when the optimizer is not fused)."""
     with runtime.autocast():
         out = train_module(images, labels=pids, cams=cams, views=views)
     loss, parts = compute_loss(out, pids)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer_step(loss, optimizer, runtime)
     return loss.detach(), parts
+
+
+def use_fused_adam(params) -> bool:
+    """Adam's fused kernel (one launch for every tensor) when all ``params`` are on CUDA; tests
+    force it on the CPU, where torch has it too (>= 2.4).
+
+    >>> use_fused_adam([torch.zeros(1)])
+    False
+    """
+    return all(p.is_cuda for p in params)
 
 
 class ImageBatchStage(Stage):
@@ -153,7 +184,7 @@ class ImageBatchStage(Stage):
         groups = [{"params": weights, "lr": base_lr, "weight_decay": s.weight_decay},
                   {"params": biases, "lr": base_lr * s.bias_lr_factor, "weight_decay": s.weight_decay_bias}]
         groups = [g for g in groups if g["params"]]
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = use_fused_adam([p for g in groups for p in g["params"]])
         return torch.optim.Adam(groups, lr=base_lr, fused=fused or None)
 
     def base_lr(self, cfg: Config, model) -> float:
@@ -184,7 +215,8 @@ class ImageBatchStage(Stage):
         # Numbered from 1 as the reference (WarmupMultiStepLR steps once on construction and once per
         # epoch): the first epoch trains at factor 0.19, and "x0.1 at epoch 30" means the 30th epoch.
         set_epoch_lr(optimizer, epoch + 1, self.schedule(cfg))
-        torch.manual_seed(epoch_seed(cfg.seed, self.number, epoch))  # augmentation and dropout draws
+        # augmentation and dropout draws, each rank its own (rank 0: a single process's)
+        torch.manual_seed(epoch_seed(cfg.seed, self.number, epoch, runtime.rank))
         model.train()
         self.start_epoch(ctx, epoch)
         sums: dict[str, torch.Tensor] = {}

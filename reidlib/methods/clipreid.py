@@ -29,7 +29,7 @@ from ..losses import Stage2Loss, stage1_loss
 from ..model import set_trainable
 from ..optim import LossWatch, stage1_scheduler
 from ..runtime import Runtime, epoch_seed, gather_tensor, shard
-from .base import ImageBatchStage, Method, Stage, StageContext
+from .base import ImageBatchStage, Method, Stage, StageContext, optimizer_step, use_fused_adam
 from .registry import register_method
 
 # --------------------------------------------------------------------------- stage 1: prompts
@@ -95,7 +95,11 @@ def wrap_for_stage1(model, runtime: Runtime):
 
 
 def make_stage1_optimizer(params, cfg):
-    return torch.optim.Adam([p for _, p in params], lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
+    """Adam on the prompts; fused on CUDA, where fp16's GradScaler then checks for inf gradients
+    on the device instead of reading them back every step."""
+    tensors = [p for _, p in params]
+    return torch.optim.Adam(tensors, lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay,
+                            fused=use_fused_adam(tensors) or None)
 
 
 def make_stage1_scheduler(optimizer, cfg):
@@ -110,9 +114,7 @@ def stage1_step(step_module, optimizer, feats, labels, runtime: Runtime) -> torc
     with runtime.autocast():
         text = step_module(labels)
     loss = stage1_loss(feats, text.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer_step(loss, optimizer, runtime)
     return loss.detach()
 
 
@@ -122,6 +124,7 @@ def train_stage1_epoch(model, step_module, optimizer, scheduler, feats, labels, 
     # Epochs are numbered from 1 in the schedule, as the reference steps it (timm's
     # scheduler.step(epoch) with epoch = 1..N): the first epoch trains above warmup_lr.
     scheduler.step(epoch + 1)
+    # rank 0's seed on every rank: all ranks cut the same batches and each takes its share
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, 1, epoch))
     order = torch.randperm(len(feats), generator=generator).to(feats.device)
     batches = list(order.split(cfg.stage1.batch_size))  # the last batch may be short, never empty

@@ -47,18 +47,24 @@ class TextEncoder(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor, injections: Sequence[Injection | None] = (),
-                cut_after_eot: bool = True) -> torch.Tensor:
+                cut_after_eot: bool = True, eot: int | None = None) -> torch.Tensor:
         """Text features [B, embed_dim] of token ids [B or 1, T].
 
         ``injections[0]`` replaces token embeddings (before the positional embedding is added);
         ``injections[i]`` (i >= 1) replaces the hidden states entering block i. With no
-        injections this equals ``open_clip.CLIP.encode_text(tokens)``.
+        injections this equals ``open_clip.CLIP.encode_text(tokens)``. ``eot``: the EOT position
+        when every sequence has it at the same place and the caller knows it (a prompt
+        learner's template); then nothing is read back from the device.
         """
         if len(injections) > self.depth:
             raise ValueError(f"{len(injections)} prompt layers but the text encoder has {self.depth} blocks")
         batch = max([tokens.shape[0]] + [inj[1].shape[0] for inj in injections if inj is not None])
-        eot = tokens.argmax(dim=-1).expand(batch)                      # EOT has the largest id
-        length = int(eot.max()) + 1 if cut_after_eot else tokens.shape[1]
+        if eot is None:
+            ends = tokens.argmax(dim=-1).expand(batch)                 # EOT has the largest id
+            length = int(ends.max()) + 1 if cut_after_eot else tokens.shape[1]   # one host sync
+            rows = (torch.arange(batch, device=tokens.device), ends)
+        else:
+            length, rows = (eot + 1 if cut_after_eot else tokens.shape[1]), (slice(None), eot)
         tokens = tokens[:, :length].expand(batch, -1)
         x = _splice(self.token_embedding(tokens), injections[0] if injections else None)
         x = x + self.positional_embedding[:length]
@@ -67,7 +73,7 @@ class TextEncoder(nn.Module):
             if 0 < i < len(injections):
                 x = _splice(x, injections[i])
             x = block(x, attn_mask=mask)
-        x = self.ln_final(x[torch.arange(batch, device=x.device), eot])
+        x = self.ln_final(x[rows])
         return x @ self.text_projection
 
 

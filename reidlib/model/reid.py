@@ -28,6 +28,35 @@ from .lora import apply_lora
 from .prompts import TextEncoder, build_prompt_learner
 
 
+class WeightsMismatch(ValueError, RuntimeError):
+    """Weights that do not fit the model (keys missing or extra, shapes different), said in one
+    line; a RuntimeError too, as torch's own load_state_dict error is."""
+
+
+def describe_mismatch(own: dict, given: dict, strict: bool = True) -> str | None:
+    """One line on how the state dict ``given`` misfits ``own`` (a model's ``state_dict()``): keys
+    missing or unexpected (when ``strict``) and shapes that differ; None when it fits. torch lists
+    every key over many lines, which hides the cause (another config or data set).
+
+    >>> describe_mismatch({"w": torch.zeros(2)}, {"w": torch.zeros(3), "b": torch.zeros(1)})
+    '1 unexpected key(s) (e.g. b); w is [3] in the weights but [2] in the model'
+    """
+    parts = []
+    if strict:
+        missing = [k for k in own if k not in given]
+        unexpected = [k for k in given if k not in own]
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
+    shapes = [k for k, v in given.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        k = shapes[0]
+        more = f" (and {len(shapes) - 1} more shape(s))" if len(shapes) > 1 else ""
+        parts.append(f"{k} is {list(given[k].shape)} in the weights but {list(own[k].shape)} in the model{more}")
+    return "; ".join(parts) or None
+
+
 def _bnneck(dim: int) -> nn.BatchNorm1d:
     bn = nn.BatchNorm1d(dim)          # weight 1, bias 0 by default
     bn.bias.requires_grad_(False)     # the BNNeck bias stays 0 (the reference freezes it)
@@ -130,6 +159,15 @@ class ReIDModel(nn.Module):
         logits = [self.classifier(self.bottleneck(f)), self.classifier_proj(self.bottleneck_proj(f_proj))]
         return {"logits": logits, "feats": [f_last, f, f_proj], "f_proj": f_proj}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, with a one-line :class:`WeightsMismatch` for weights that
+        do not fit (:func:`describe_mismatch`) instead of torch's list of every key."""
+        problem = describe_mismatch(self.state_dict(), state_dict, strict)
+        if problem:
+            raise WeightsMismatch(f"the weights do not fit this model: {problem}; were they trained with another "
+                                  "config (model.*), data set (identities, cameras) or method?")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def encode_image(self, x: torch.Tensor, cams: torch.Tensor | None = None,
                      views: torch.Tensor | None = None) -> torch.Tensor:
         """The test feature [B, feature_dim]: concat(f, f_proj), before or after the BNNeck."""
@@ -144,7 +182,8 @@ class ReIDModel(nn.Module):
 
     def encode_text(self, labels: torch.Tensor) -> torch.Tensor:
         """Text features [B, embed_dim] of identities ``labels`` through the prompt learner."""
-        return self.text(self.prompts.tokens, self.prompts(labels))
+        # the template's EOT position, a Python int: no host sync per step (stage 1 calls this each step)
+        return self.text(self.prompts.tokens, self.prompts(labels), eot=self.prompts.eot)
 
     @torch.no_grad()
     def all_text_features(self, chunk: int | None = None) -> torch.Tensor:

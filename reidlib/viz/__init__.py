@@ -5,6 +5,7 @@
     plot_bars(runs, "bars.png"); plot_cmc(runs, "cmc.png")            # plots.py
     attention_maps(model, images)                   # attention.py: attention rollout of the ViT
     retrieval_grid("q.jpg", ranked_paths, flags, "grid.png")          # retrieval.py
+    explore("runs/baseline/seed0", "runs/proposed/seed0")                # explorer.py: the interactive explorer
 """
 import logging
 import sys
@@ -39,7 +40,7 @@ __all__ = ["collect_metrics", "collect_groups", "summarize", "paired_test", "com
            "retrieval_grid", "retrieval_rows", "attention_maps", "attention_figure",
            "retrieval_figure", "headline_table", "show_progress",
            "METHOD_NAMES", "METRIC_NAMES", "collect_cross", "cross_headlines", "cross_summary",
-           "cross_matrix", "cross_markdown", "write_cross_matrix"]
+           "cross_matrix", "cross_markdown", "write_cross_matrix", "explore"]
 
 
 def __getattr__(name):
@@ -48,6 +49,11 @@ def __getattr__(name):
                 "AttentionRecorder"):
         from . import attention
         return getattr(attention, name)
+    # explorer.py needs ipywidgets (the `explore` extra) and torch: loaded when asked for. (Not a
+    # module named explore: importing it would put the module where the function should be.)
+    if name in ("explore", "Explorer"):
+        from . import explorer
+        return getattr(explorer, name)
     if name == "load_run_models":   # a sweep's layout: moved with the sweep
         raise AttributeError("reidlib.viz.load_run_models moved: use reidlib.experiments.load_run_models")
     if name == "text_search_figure":   # the demo's zero-shot figure: moved with the demo

@@ -14,13 +14,14 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..files import METRICS_KEYS, read_metrics
 
 # Metric key in metrics.json -> its name in tables and on axes (values are shown in %).
 METRIC_NAMES = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP",
@@ -67,6 +68,8 @@ def _dataset_sort_key(dataset: str):
 # Folders under a results root that hold no run of the table: executed notebooks, and finished
 # runs a sweep replaced because they were made with other settings (see reidlib.experiments.sweep).
 NOT_RUNS = ("runs", "superseded")
+# What a table needs of each metrics.json: where the run belongs, and its metrics.
+TABLE_KEYS = ("dataset", "method", "seed", *METRICS_KEYS)
 
 
 def collect_metrics(root: str | Path) -> pd.DataFrame:
@@ -81,7 +84,7 @@ def collect_metrics(root: str | Path) -> pd.DataFrame:
     for path in sorted(root.rglob("metrics.json")):
         if set(path.relative_to(root).parts[:-1]) & set(NOT_RUNS):
             continue
-        record = json.loads(path.read_text())
+        record = read_metrics(path, TABLE_KEYS)   # a damaged file is named, not a bare JSONDecodeError
         record["path"] = str(path.parent)
         rows.append(record)
     columns = ["dataset", "method", "seed", *METRIC_NAMES, "num_valid_queries", "cmc", "path"]
@@ -182,6 +185,9 @@ def summarize(runs: pd.DataFrame, reference: str = "baseline",
     n_pairs and ``<m>_delta``, ``<m>_delta_std``, ``<m>_t``, ``<m>_p_ttest``, ``<m>_p_wilcoxon``
     for each tested metric (NaN on the reference's own rows).
     """
+    if len(runs) == 0:   # else an empty table and empty figures would be written, as if compared
+        raise ValueError("no finished runs to compare: no metrics.json under the results folder (a wrong "
+                         "results_root, or no run has finished yet)")
     metrics = [m for m in METRIC_NAMES if m in runs and runs[m].notna().any()]
     rows = []
     for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
@@ -380,7 +386,7 @@ def collect_cross(root: str | Path) -> pd.DataFrame:
     for path in sorted(root.rglob(CROSS_FILE)):
         if set(path.relative_to(root).parts[:-1]) & set(NOT_RUNS):
             continue
-        record = json.loads(path.read_text())
+        record = read_metrics(path, ("trained_on", "method", "seed", "tested_on"))
         for target, metrics in record.get("tested_on", {}).items():
             if target != record["trained_on"]:  # the diagonal is the in-domain run itself
                 rows.append({"trained_on": record["trained_on"], "tested_on": target, "method": record["method"],

@@ -91,6 +91,15 @@ def convert_reference(state: dict, model_cfg, source: str = "weights") -> Refere
     cameras, LoRA rank, targets and blocks) is read from the tensors. Raises ValueError naming
     ``source`` and the key for a file it does not understand.
     """
+    try:
+        return _convert_reference(state, model_cfg, source)
+    except KeyError as err:   # a tensor every reference model has is not in the file
+        raise ValueError(f"{source}: incomplete CLIP-ReID reference state dict: no {err.args[0]!r} under "
+                         "image_encoder./text_encoder./prompt_learner.; the file was cut down or is another "
+                         "model's") from None
+
+
+def _convert_reference(state: dict, model_cfg, source: str) -> ReferenceWeights:
     state = {_strip(k): (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     parts = _split_parts(state, source)
     vit = "proj" in parts["image"]

@@ -66,6 +66,7 @@ def save_trained(folder: str | Path, state_dict: dict, card: dict) -> Path:
     missing = [k for k in ("config", "num_classes", "num_cameras", "quick_gelu") if k not in card]
     if missing:
         raise ValueError(f"save_trained: the card lacks {missing}; build it with model_record()")
+    _refuse_non_finite(state_dict, folder)
     core = _as_json({"format": FORMAT, "format_version": FORMAT_VERSION, **card, "num_views": card.get("num_views", 0),
                      "preprocessing": preprocessing(card), "weights_file": WEIGHTS_FILE})
     with atomic_folder(folder) as tmp:
@@ -73,6 +74,15 @@ def save_trained(folder: str | Path, state_dict: dict, card: dict) -> Path:
         text = json.dumps({**core, "sha256": file_sha256(tmp / WEIGHTS_FILE)}, indent=2)
         (tmp / CARD_FILE).write_text(text + "\n")
     return Path(folder)
+
+
+def _refuse_non_finite(state_dict: dict, folder) -> None:
+    """A model with NaN or inf weights gives NaN features: never saved (convert, export) as if usable."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"not saving {folder}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}); "
+                         "the weights are broken (a diverged training, a damaged file)")
 
 
 def _as_json(card: dict) -> dict:
