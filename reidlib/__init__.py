@@ -53,6 +53,6 @@ def __getattr__(name):
         from .export import export_model
         return export_model
     if name == "extract_features":
-        from .eval.extract import extract_features
+        from .eval.inference import extract_features
         return extract_features
     raise AttributeError(f"module 'reidlib' has no attribute '{name}'")

@@ -231,7 +231,7 @@ def _check_convert_output(source: str, out: str) -> None:
     conversion, or half of it) and must be writable."""
     from pathlib import Path
 
-    from .files import check_writable
+    from .storage import check_writable
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"convert: OUT is IN ({source}); write the converted model to another path")
     check_writable(Path(out).resolve().parent, "OUT")

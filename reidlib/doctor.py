@@ -202,8 +202,8 @@ def smoke_run(device: str, folder: Path) -> list[Check]:
     """The tiny config, 1 + 1 epochs and the final evaluation on a generated set, on ``device``."""
     from .demo.synth import generate_market
     from .engine.trainer import train
-    from .files import load_checkpoint
     from .methods import method_config
+    from .storage import load_checkpoint
     started = time.perf_counter()
     try:
         root = generate_market(folder / "market", ids=16, cams=3, images_per_id=8, seed=0)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import check_writable, disk_full_as_such
 from .methods.trained import load_trained_model
 from .model import merge_lora
+from .storage import check_writable, disk_full_as_such
 from .weights import reidlib_version
 
 log = logging.getLogger("reidlib")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .files import check_writable
+from .storage import check_writable
 
 log = logging.getLogger("reidlib")
 

@@ -31,7 +31,7 @@ from .data.datasets import list_image_folder, parse_identity_name
 from .eval.distance import compute_distance
 from .eval.extractor import FeatureExtractor
 from .eval.protocol import excluded, exclusion_labels, ranked_gallery
-from .files import check_writable, disk_full_as_such
+from .storage import check_writable, disk_full_as_such
 
 log = logging.getLogger("reidlib")
 

@@ -28,12 +28,12 @@ from reidlib.config import CONFIG_DIR, load_config
 from reidlib.data import RandomIdentitySampler, ReIDDataset, load_dataset
 from reidlib.data.sampler import identity_batches
 from reidlib.eval import evaluate
-from reidlib.eval.extract import extract_features
+from reidlib.eval.inference import extract_features
 from reidlib.eval.metrics import DROPPED_REASON
-from reidlib.files import CheckpointError, NotAReidlibCheckpoint, load_checkpoint, save_checkpoint
 from reidlib.methods import method_config
 from reidlib.methods.trained import load_trained_model
 from reidlib.optim.nonfinite import NonFiniteError, non_finite_entries
+from reidlib.storage import CheckpointError, NotAReidlibCheckpoint, load_checkpoint, save_checkpoint
 from reidlib.weights import read_trained
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from reidlib.engine.checkpoint import (
     find_latest_checkpoint,
     restore_rng_state,
 )
-from reidlib.files import CheckpointError, load_checkpoint, save_checkpoint
+from reidlib.storage import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _full_state():

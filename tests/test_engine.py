@@ -11,12 +11,12 @@ import torch
 
 import reidlib
 from reidlib.data import load_dataset
-from reidlib.eval.extract import evaluate_model
-from reidlib.files import load_checkpoint
+from reidlib.eval.inference import evaluate_model
 from reidlib.methods import method_config
 from reidlib.methods.clipreid import ImageEncoderStage
 from reidlib.model import build_model
 from reidlib.optim.schedule import warmup_multistep
+from reidlib.storage import load_checkpoint
 from reidlib.weights import read_trained
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from reidlib.data import dataset_from_config
-from reidlib.eval.extract import evaluate_model
+from reidlib.eval.inference import evaluate_model
 from reidlib.explore_page import explorer_notebook, voila_command
 from reidlib.viz import explore
 from reidlib.viz.explorer_models import ExploreData, ExploreModel, ExplorerSession

@@ -14,8 +14,8 @@ import reidlib
 from reidlib.config import load_config
 from reidlib.data import list_image_folder
 from reidlib.export import export_model
-from reidlib.files import save_checkpoint
 from reidlib.model import build_model
+from reidlib.storage import save_checkpoint
 from reidlib.weights import model_record
 
 ort = pytest.importorskip("onnxruntime", reason="install the export extra: pip install 'reidlib[export]'")

@@ -13,9 +13,9 @@ from PIL import Image
 import reidlib
 from reidlib.config import load_config
 from reidlib.data import UnreadableImageError, build_transforms, list_image_folder, read_image
-from reidlib.eval.extract import extract_features
-from reidlib.files import CheckpointError, save_checkpoint
+from reidlib.eval.inference import extract_features
 from reidlib.model import build_model
+from reidlib.storage import CheckpointError, save_checkpoint
 from reidlib.weights import model_record
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import torch
 
 import reidlib
 from reidlib.config import load_config
-from reidlib.files import save_checkpoint
 from reidlib.model import build_model
+from reidlib.storage import save_checkpoint
 from reidlib.weights import model_record, read_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")

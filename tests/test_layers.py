@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reidlib"
 LAYERS = ["config", "runtime", "data", "weights", "model", "losses", "optim", "methods", "eval", "engine", "viz",
           "experiments", "demo", "face"]
 # first dotted part under reidlib -> layer; what is not listed here is the face
-LAYER_OF = {"config": "config", "runtime": "runtime", "files": "runtime", "data": "data", "weights": "weights",
+LAYER_OF = {"config": "config", "runtime": "runtime", "storage": "runtime", "data": "data", "weights": "weights",
             "model": "model", "losses": "losses", "optim": "optim", "methods": "methods", "eval": "eval",
             "engine": "engine", "viz": "viz", "experiments": "experiments", "demo": "demo"}
 CORE = LAYERS[: LAYERS.index("experiments")]
@@ -68,7 +68,7 @@ def test_every_module_has_a_layer(graph):
     assert {"reidlib.config", "reidlib.runtime", "reidlib.data.datasets", "reidlib.methods.trained", "reidlib.losses",
             "reidlib.eval.metrics", "reidlib.engine.trainer", "reidlib.viz.tables", "reidlib.experiments.sweep",
             "reidlib.demo.synth", "reidlib.methods.clipreid", "reidlib.engine.loop"} <= set(graph)
-    assert layer("reidlib.files") == "runtime" and layer("reidlib.search") == "face"
+    assert layer("reidlib.storage") == "runtime" and layer("reidlib.search") == "face"
 
 
 def test_imports_only_look_down(graph):

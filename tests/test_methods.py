@@ -12,9 +12,8 @@ import torch
 import reidlib
 from reidlib.config import config_from_dict, load_config, to_dict
 from reidlib.data import load_dataset
-from reidlib.eval.extract import evaluate_model
+from reidlib.eval.inference import evaluate_model
 from reidlib.experiments import run_dir, run_sweep
-from reidlib.files import load_checkpoint
 from reidlib.methods import (
     get_method,
     load_plugins,
@@ -24,6 +23,7 @@ from reidlib.methods import (
     variant_names,
 )
 from reidlib.runtime import setup_runtime
+from reidlib.storage import load_checkpoint
 
 PLUGIN = Path(__file__).parent / "plugins" / "plain_method.py"
 ROOT = Path(__file__).resolve().parents[1]

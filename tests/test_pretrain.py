@@ -19,10 +19,10 @@ from reidlib.data.cache import decode_images
 from reidlib.demo.pretrain import PretrainRecipe, build_miniature, miniature_path, pretrain_clip
 from reidlib.demo.synth import generate_web, read_captions
 from reidlib.demo.zeroshot import PIXEL_MEAN, PIXEL_STD, caption_retrieval
-from reidlib.eval.extract import evaluate_model
-from reidlib.files import load_checkpoint, save_checkpoint
+from reidlib.eval.inference import evaluate_model
 from reidlib.methods import method_config
 from reidlib.model import build_model, load_clip
+from reidlib.storage import load_checkpoint, save_checkpoint
 from reidlib.weights import uses_quick_gelu
 
 pytestmark = pytest.mark.slow  # pretraining, notebooks, whole runs: `make test-fast` leaves them out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import reidlib.eval.extract
+import reidlib.eval.inference
 import reidlib.search
 import reidlib.viz.retrieval
 from reidlib.eval import evaluate, rerank
@@ -76,7 +76,7 @@ def test_protocol_names_and_reasons_are_unchanged():
                                    "matches count (scores run higher than under the Market-1501 protocol)")
     assert dropped_reason(MARKET_PROTOCOL) == MARKET_DROPPED_REASON
     assert dropped_reason(SAME_IMAGE_PROTOCOL) == SAME_IMAGE_REASON
-    assert reidlib.eval.extract.exclusion_labels is exclusion_labels   # one rule, also where it was
+    assert reidlib.eval.inference.exclusion_labels is exclusion_labels   # one rule, also where it was
 
 
 def test_sparse_and_dense_forms_of_the_rule_agree():
@@ -178,7 +178,7 @@ def _retrieval_rows(monkeypatch, query, gallery, features, unreadable=()):
         return (feats, pids, cams, kept) if return_kept else (feats, pids, cams)
 
     drawn = []
-    monkeypatch.setattr(reidlib.eval.extract, "extract_features", fake_extract)
+    monkeypatch.setattr(reidlib.eval.inference, "extract_features", fake_extract)
     monkeypatch.setattr(reidlib.viz.retrieval, "retrieval_rows", lambda rows, *a, **k: drawn.extend(rows))
     cfg = SimpleNamespace(test=SimpleNamespace(metric="euclidean", feat_norm=False))
     dataset = SimpleNamespace(name="own", query=query, gallery=gallery)

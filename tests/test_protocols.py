@@ -6,7 +6,7 @@ import torch
 
 from reidlib.config import load_config
 from reidlib.data import ReIDDataset, load_dataset
-from reidlib.eval.extract import (
+from reidlib.eval.inference import (
     MARKET_PROTOCOL,
     SAME_IMAGE_PROTOCOL,
     check_valid_queries,

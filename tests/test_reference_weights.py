@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from reidlib.config import load_config
-from reidlib.files import save_checkpoint
 from reidlib.methods.trained import load_trained_model
 from reidlib.model import build_model, merge_lora
+from reidlib.storage import save_checkpoint
 from reidlib.weights import describe_weights
 from reidlib.weights.reference import convert_reference
 

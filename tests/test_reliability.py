@@ -24,8 +24,8 @@ import torch
 import reidlib
 from reidlib.__main__ import main as cli
 from reidlib.config import load_config
-from reidlib.files import CheckpointError, load_checkpoint, save_checkpoint
 from reidlib.methods import method_config
+from reidlib.storage import CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -275,10 +275,10 @@ def test_a_second_training_process_on_one_folder_fails_at_once(tmp_path, synth_r
 
 
 def test_the_run_folder_lock_is_released_and_reports_its_holder(tmp_path):
-    from reidlib.files import FolderLocked, lock_folder
+    from reidlib.storage import FolderLocked, lock_folder
     with lock_folder(tmp_path, "output_dir"):
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
-        code = f"from reidlib.files import lock_folder\nwith lock_folder({str(tmp_path)!r}, 'output_dir'): pass"
+        code = f"from reidlib.storage import lock_folder\nwith lock_folder({str(tmp_path)!r}, 'output_dir'): pass"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
         assert done.returncode != 0 and f"pid {os.getpid()}" in done.stderr
         assert issubclass(FolderLocked, RuntimeError)

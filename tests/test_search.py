@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reidlib.data import list_image_folder
-from reidlib.eval.extract import extract_features
+from reidlib.eval.inference import extract_features
 from reidlib.methods.trained import load_trained_model
 from reidlib.search import extract_folder, search
 

@@ -7,8 +7,8 @@ import torch
 import reidlib
 from reidlib.config import load_config
 from reidlib.data import list_image_folder
-from reidlib.files import save_checkpoint
 from reidlib.model import build_model
+from reidlib.storage import save_checkpoint
 from reidlib.weights import describe_weights, model_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")

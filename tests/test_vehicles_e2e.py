@@ -11,7 +11,7 @@ import torch
 import reidlib
 from reidlib.data import load_dataset
 from reidlib.demo.synth import generate_vehicleid, generate_veri
-from reidlib.eval.extract import MARKET_PROTOCOL, SAME_IMAGE_PROTOCOL
+from reidlib.eval.inference import MARKET_PROTOCOL, SAME_IMAGE_PROTOCOL
 from reidlib.methods import method_config
 from reidlib.weights import read_trained
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from reidlib.config import load_config
-from reidlib.files import CheckpointError, save_checkpoint
 from reidlib.methods.trained import convert_weights, load_trained_model
 from reidlib.model import build_model
+from reidlib.storage import CheckpointError, save_checkpoint
 from reidlib.weights import (
     describe_weights,
     model_record,

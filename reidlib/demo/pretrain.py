@@ -40,10 +40,10 @@ import torch
 
 from ..data.cache import decode_images
 from ..data.transforms import normalize
-from ..files import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from ..losses import clip_loss
 from ..model.prompts import TextEncoder
 from ..runtime import pick_device
+from ..storage import CheckpointError, load_checkpoint, save_checkpoint, write_json
 from ..weights.clip import load_clip
 from .synth import CAPTIONS_CSV, generate_web, read_captions
 from .zeroshot import PIXEL_MEAN, PIXEL_STD

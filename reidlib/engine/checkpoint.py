@@ -1,6 +1,6 @@
 """Resumable training state: checkpoint names, RNG state, and the config check on resume.
 
-A training checkpoint (written with :func:`reidlib.files.save_checkpoint`, atomic and
+A training checkpoint (written with :func:`reidlib.storage.save_checkpoint`, atomic and
 ``weights_only``-safe) holds the model, the optimizer, the RNG states (:func:`capture_rng_state`),
 stage, epoch and the resolved config. Nothing else is needed to resume: the learning rate of an
 epoch is a closed form of the epoch, and every epoch's shuffles and draws start from a seed derived

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from ..eval.extract import evaluate_model
+from ..eval.inference import evaluate_model
 from ..methods import Stage, StageContext
 from ..methods.base import log_parameters
 from ..runtime import tf32_mode

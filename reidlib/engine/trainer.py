@@ -23,8 +23,13 @@ import yaml
 
 from ..config import Config, to_dict, validate
 from ..data import dataset_from_config, make_image_cache
-from ..eval.extract import check_valid_queries, evaluate_model
-from ..files import (
+from ..eval.inference import check_valid_queries, evaluate_model
+from ..methods import StageContext, method_for, run_label
+from ..methods import build as build_method_model
+from ..methods.trained import load_trained_model
+from ..optim import check_finite_weights
+from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime, tf32_mode, to_cpu
+from ..storage import (
     load_checkpoint,
     lock_folder,
     remove_stale_temp_files,
@@ -32,11 +37,6 @@ from ..files import (
     save_checkpoint,
     write_json,
 )
-from ..methods import StageContext, method_for, run_label
-from ..methods import build as build_method_model
-from ..methods.trained import load_trained_model
-from ..optim import check_finite_weights
-from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime, tf32_mode, to_cpu
 from ..weights import final_model, model_record, save_trained
 from ..weights.trained import MODEL_FOLDER
 from .checkpoint import (

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import load_dataset
-from ..eval.extract import check_valid_queries, evaluate_model
-from ..files import write_json
+from ..eval.inference import check_valid_queries, evaluate_model
 from ..methods import run_label
 from ..methods.trained import load_trained_model
 from ..runtime import setup_runtime
+from ..storage import write_json
 from ..weights import final_model
 
 log = logging.getLogger("reidlib")

@@ -92,7 +92,7 @@ def train_run(cfg, dataset=None, nproc: int = 1) -> dict:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
         raise RuntimeError(f"torchrun over {nproc} processes failed (exit {done.returncode}): {last.strip()}")
-    from ..files import read_metrics
+    from ..storage import read_metrics
     return read_metrics(out / "metrics.json")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..files import read_metrics
+from ..storage import read_metrics
 from .claims import is_abandoned, is_stale, read_claim
 
 NOT_RUNS = ("runs", "superseded")

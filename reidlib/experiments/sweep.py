@@ -59,7 +59,7 @@ import yaml
 
 from ..config import config_diff, dataset_keys, to_dict, with_defaults
 from ..engine.checkpoint import RESUME_IGNORE
-from ..files import has_metrics, read_metrics
+from ..storage import has_metrics, read_metrics
 from .claims import claim_run, owner_record, read_claim, release_claim
 from .launch import LAUNCHERS, gpu_slots, make_executor, train_run, worker_environment
 from .layout import run_dir

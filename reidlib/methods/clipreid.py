@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import ImageDataset, build_transforms, test_tensor_transform
-from ..files import load_checkpoint
 from ..losses import Stage2Loss, stage1_loss
 from ..model import set_trainable
 from ..optim import LossWatch, stage1_scheduler
 from ..runtime import Runtime, epoch_seed, gather_tensor, shard
+from ..storage import load_checkpoint
 from .base import ImageBatchStage, Method, Stage, StageContext, optimizer_step, use_fused_adam
 from .registry import register_method
 

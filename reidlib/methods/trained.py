@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 
 from ..config import Config, config_diff, config_from_dict, load_config, to_dict
-from ..files import save_checkpoint
 from ..model import build_model
+from ..storage import save_checkpoint
 
 # the reading side moved to reidlib.weights; these names stay importable from here
 from ..weights.card import describe_weights, model_record, reidlib_version, uses_quick_gelu  # noqa: F401

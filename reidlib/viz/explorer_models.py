@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data import build_transforms, dataset_from_config, read_image
 from ..eval.distance import GalleryDistance
-from ..eval.extract import extract_features
+from ..eval.inference import extract_features
 from ..eval.rerank import rerank
 from .explorer_state import (
     QUERY,

@@ -50,7 +50,7 @@ def rank_gallery(dist_row, q_pid: int, q_label: int, g_pids, g_labels, top: int 
 def _model_rankings(model, cfg, queries, q_labels, gallery, g_labels, top: int):
     """``(gallery indices, correct flags)`` of each query's ``top`` matches under one model."""
     from ..eval.distance import compute_distance
-    from ..eval.extract import extract_features
+    from ..eval.inference import extract_features
     qf, _, _, q_kept = extract_features(model, queries, cfg, progress=False, return_kept=True)
     gf, _, _, g_kept = extract_features(model, gallery, cfg, progress=False, return_kept=True)
     if not bool(q_kept.all()):

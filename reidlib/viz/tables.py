@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..files import METRICS_KEYS, read_metrics
+from ..storage import METRICS_KEYS, read_metrics
 
 # Metric key in metrics.json -> its name in tables and on axes (values are shown in %).
 METRIC_NAMES = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP",

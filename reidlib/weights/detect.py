@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, config_from_dict, flatten, load_config, to_dict, validate
-from ..files import load_checkpoint
+from ..storage import load_checkpoint
 from .reference import is_reference_state
 from .trained import read_trained, trained_folder
 

@@ -6,7 +6,7 @@ whether CLIP ran with QuickGELU, reidlib's version, the UTC creation time, the d
 statistics, the final metrics if any, the preprocessing (input size, mean, std, interpolation) and
 the sha256 of ``model.safetensors``. The safetensors header in turn records a sha256 of the card,
 so a flipped bit in either file is found before a tensor is used. Both files are written into a
-temp folder that then replaces the model folder whole (:func:`reidlib.files.atomic_folder`).
+temp folder that then replaces the model folder whole (:func:`reidlib.storage.atomic_folder`).
 
 ``model_final.pt`` and ``checkpoint_stage*_e*.pt`` (torch files, read with ``weights_only=True``)
 stay readable; resumable checkpoints (optimizer and RNG state) remain torch files.
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_dict
-from ..files import CheckpointError, atomic_folder, load_checkpoint
+from ..storage import CheckpointError, atomic_folder, load_checkpoint
 
 MODEL_FOLDER = "model"              # a run folder's trained model (reidlib 0.2 wrote model_final.pt)
 LEGACY_FINAL = "model_final.pt"
@@ -197,7 +197,7 @@ def read_trained(path: str | Path) -> dict:
     """A trained reidlib model as ``{"model": state_dict, "config": ..., "num_classes": ..., ...}``:
     from a model folder (or its ``config.json`` / ``model.safetensors``), checked against its
     hashes and read without pickle, or from a ``model_final.pt`` / ``checkpoint_stage*_e*.pt``
-    (``torch.load(weights_only=True)``). Damage is a one-line :class:`~reidlib.files.CheckpointError`.
+    (``torch.load(weights_only=True)``). Damage is a one-line :class:`~reidlib.storage.CheckpointError`.
 
     Example::
 
