@@ -172,3 +172,33 @@ def test_runs_saved_before_the_new_keys_resume_and_are_reused(tmp_path):
     changed = {**old, "seed": 99}
     with pytest.raises(ValueError, match="seed"):
         check_config_match(changed, current)
+
+
+def test_a_model_folder_gives_stage1_prompts_and_converts_with_its_card(tiny_trained, tmp_path):
+    """stage1_weights= takes a run's model folder; convert keeps the source's metrics, statistics
+    and method, and refuses weights that are not finite."""
+    from reidlib.methods.clipreid import load_stage1_prompts
+    from reidlib.methods.trained import convert_weights, load_trained_model
+    from reidlib.weights import read_trained
+    cfg, out = tiny_trained
+    model, _ = load_trained_model(out / "model")
+    source = read_trained(out / "model")["model"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("prompts."):
+                param.zero_()
+    load_stage1_prompts(model, str(out / "model"))
+    assert all(torch.equal(p, source[n]) for n, p in model.named_parameters() if n.startswith("prompts."))
+
+    card = read_trained(convert_weights(out / "model", tmp_path / "copy"))
+    original = read_trained(out / "model")
+    assert card["metrics"] == original["metrics"] and card["dataset_stats"] == original["dataset_stats"]
+    assert card["method"] == "baseline"
+    broken = read_trained(out / "model")
+    next(v for v in broken["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    from reidlib.optim import NonFiniteError
+    from reidlib.storage import save_checkpoint
+    save_checkpoint(tmp_path / "nan.pt", broken)
+    with pytest.raises(NonFiniteError, match="not finite|non-finite|NaN|nan"):
+        convert_weights(tmp_path / "nan.pt", tmp_path / "nan_copy.pt")
+    assert not (tmp_path / "nan_copy.pt").exists()

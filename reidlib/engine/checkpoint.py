@@ -147,7 +147,10 @@ def check_config_match(saved: dict, current: dict, ignore=RESUME_IGNORE) -> None
 
     >>> check_config_match({"lr": 1}, {"lr": 1})
     """
-    diff = config_diff(with_defaults(saved), current, ignore)
+    full_saved, full_current = with_defaults(saved), with_defaults(current)
+    if full_saved is saved or full_current is current:   # not whole configs: compare as given
+        full_saved, full_current = saved, current
+    diff = config_diff(full_saved, full_current, ignore)
     if diff:
         raise ValueError(f"the checkpoint's config differs from the current one in {len(diff)} "
                          f"key(s): {'; '.join(diff)}; resume with the same config, or start a "

@@ -29,6 +29,7 @@ from ..model import set_trainable
 from ..optim import LossWatch, stage1_scheduler
 from ..runtime import Runtime, epoch_seed, gather_tensor, shard
 from ..storage import load_checkpoint
+from ..weights import read_trained, trained_folder
 from .base import ImageBatchStage, Method, Stage, StageContext, optimizer_step, use_fused_adam
 from .registry import register_method
 
@@ -153,8 +154,9 @@ def train_stage1_epoch(model, step_module, optimizer, scheduler, feats, labels, 
 
 
 def load_stage1_prompts(model, path: str) -> None:
-    """Take the prompt learner's weights from another run's stage-1 or final checkpoint."""
-    state = load_checkpoint(path, map_location="cpu")
+    """Take the prompt learner's weights from another run's stage-1 checkpoint or trained model
+    (its model folder, or a reidlib 0.2 ``model_final.pt``)."""
+    state = read_trained(path) if trained_folder(path) is not None else load_checkpoint(path, map_location="cpu")
     prompts = {k: v for k, v in state["model"].items() if k.startswith("prompts.")}
     if not prompts:
         raise ValueError(f"{path}: no prompt weights in this checkpoint; pass a stage-1 or final checkpoint")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..config import Config, config_diff, config_from_dict, load_config, to_dict
 from ..model import build_model
+from ..optim import check_finite_weights
 from ..storage import save_checkpoint
 
 # the reading side moved to reidlib.weights; these names stay importable from here
@@ -53,6 +54,9 @@ def convert_weights(src: str | Path, dst: str | Path, cfg: Config | None = None,
     record["converted_from"] = str(src)
     if kind == "reference":
         record["detected"] = describe_weights(src, used)
+    else:   # what the source's card says about its training survives the conversion
+        record.update({k: state[k] for k in ("metrics", "dataset_stats", "method") if k in state})
+    check_finite_weights(record["model"], f"the weights of {src}")   # NaN is never written, in either format
     if Path(dst).suffix in (".pt", ".pth"):
         save_checkpoint(dst, record)
     else:
