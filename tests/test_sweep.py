@@ -368,3 +368,13 @@ def test_jobs_2_equals_jobs_1_and_the_cross_matrix(synth_root, tmp_path, monkeyp
     again = run_sweep(list(roots), ["baseline"], [0], results_root=tmp_path / "one", jobs=1, compare_notebook=None,
                       **kwargs)
     assert again.ran == [] and len(again.skipped) == 2
+
+
+def test_a_missing_config_data_root_fails_before_any_run(tmp_path, monkeypatch):
+    """No --data-root: the config's data.root must be a folder here (where the runs execute)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--datasets", "market1501", "--methods", "baseline", "--seeds", "0", "--results", str(tmp_path / "r"),
+            "--base", "tiny", "--no-compare"]
+    with pytest.raises(SystemExit, match=r"data set market1501: the config's data.root=data/synth is not a folder"):
+        main(args)
+    assert not (tmp_path / "r").exists()

@@ -391,3 +391,20 @@ def test_the_draw_sorts_each_identity_by_path_whatever_the_pool_order():
         assert (sorted(query), sorted(gallery)) == expected_draw(pool, k)
         draws.add(tuple(gallery))
     assert len(draws) > 1
+
+
+def test_vehicleid_lists_with_repeats_double_labels_or_low_ids(tmp_path, caplog):
+    """A repeated line is dropped and counted; one image under two ids, or an id below -1, is an
+    error naming the list (either would train or score with a wrong label)."""
+    base = write_vehicleid(tmp_path / "v", train={"0000001": 3, "0000002": 4}, test={"0000003": 5, "0000004": 5})
+    train_list = base / "train_test_split" / "train_list.txt"
+    train_list.write_text(train_list.read_text() + "0000001 3\n")
+    with caplog.at_level(logging.WARNING, logger="reidlib"):
+        ds = load_dataset("vehicleid", base)
+    assert len(ds.train) == 2 and "skipped 1 repeated line(s)" in caplog.text
+    train_list.write_text(train_list.read_text() + "0000001 4\n")
+    with pytest.raises(ValueError, match=r"vehicleid: .*train_list.txt lists .*0000001.jpg twice"):
+        load_dataset("vehicleid", base)
+    train_list.write_text("0000001 3\n0000002 -5\n")
+    with pytest.raises(ValueError, match=r"vehicleid: .*train_list.txt gives .*0000002.jpg pid -5"):
+        load_dataset("vehicleid", base)

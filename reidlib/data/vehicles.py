@@ -26,6 +26,7 @@ from .datasets import (
     SHOW_AT_MOST,
     Item,
     ReIDDataset,
+    _checked_list,
     _drop_junk,
     _find_dir,
     _finish,
@@ -217,7 +218,8 @@ queries; 10 trials (seeds 0..9), metrics averaged'
 def read_vehicle_list(list_path: Path, image_dir: Path) -> list[Item]:
     """Items of a VehicleID list file (lines ``<image name without .jpg> <vehicle id>``), camid -1.
 
-    Malformed lines are skipped and counted; the first entry's image must exist in ``image_dir``.
+    Malformed lines are skipped and counted, repeated lines dropped with a log line; an image under
+    two vehicle ids, or an id below -1, is an error; the first entry's image must exist in ``image_dir``.
     """
     if not list_path.is_file():
         raise FileNotFoundError(f"vehicleid: missing {list_path}; expected {VEHICLEID_LAYOUT}")
@@ -232,7 +234,8 @@ def read_vehicle_list(list_path: Path, image_dir: Path) -> list[Item]:
             continue
         items.append((str(image_dir / f"{fields[0]}.jpg"), pid, -1))
     _warn_bad_lines("vehicleid", list_path, bad, "<image name without .jpg> <vehicle id>")
-    items = _require_images("vehicleid", list_path, _drop_junk("vehicleid", list_path, items))
+    items = _checked_list("vehicleid", list_path, _drop_junk("vehicleid", list_path, items))
+    items = _require_images("vehicleid", list_path, items)
     if not Path(items[0][0]).is_file():
         raise FileNotFoundError(f"vehicleid: {list_path} names {Path(items[0][0]).name}, which is not in "
                                 f"{image_dir} (names are image files without .jpg)")

@@ -586,6 +586,19 @@ def _check_datasets(datasets: list[str], data_roots) -> None:
         raise SystemExit(f"--data-root: {folder} (data set {name}) is not a folder; give the folder that holds it")
 
 
+def _check_config_roots(args) -> None:
+    """Data sets without ``--data-root`` are read from their config's ``data.root`` (relative to
+    this folder, where the runs execute): that folder must exist too, before any run starts."""
+    roots = parse_data_roots(args.data_root)
+    for name in args.datasets:
+        if _root_for(roots, name) is not None:
+            continue
+        cfg = run_config(name, args.methods[0], args.seeds[0], None, args.overrides, args.base)
+        if not Path(cfg.data.root).is_dir():
+            raise SystemExit(f"data set {name}: the config's data.root={cfg.data.root} is not a folder here; "
+                             f"pass --data-root DIR (or {name}=DIR)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reidlib sweep",
@@ -655,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(variant_names())}")
     _check_datasets(args.datasets, parse_data_roots(args.data_root))
+    if Path(args.notebook).resolve() == TRAIN_NOTEBOOK.resolve():   # a notebook of your own may read no data
+        _check_config_roots(args)
     if args.plugins:   # absolute paths: runs start in other folders and processes
         files = [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugins]
         args.overrides = [f"plugins=[{', '.join(files)}]", *args.overrides]
