@@ -375,6 +375,6 @@ def test_a_missing_config_data_root_fails_before_any_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--datasets", "market1501", "--methods", "baseline", "--seeds", "0", "--results", str(tmp_path / "r"),
             "--base", "tiny", "--no-compare"]
-    with pytest.raises(SystemExit, match=r"data set market1501: the config's data.root=data/synth is not a folder"):
-        main(args)
+    with pytest.raises(ValueError, match=r"data set market1501: the config's data.root=data/synth is not a folder"):
+        main(args)   # the command line turns it into one line and exit status 2
     assert not (tmp_path / "r").exists()

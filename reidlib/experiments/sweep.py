@@ -401,6 +401,8 @@ def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Pat
     if slots and jobs > len(slots):
         raise ValueError(f"--jobs {jobs} needs {jobs * gpus_per_run} GPUs; --gpus {gpus} gives {len(slots)} "
                          f"group(s) of {gpus_per_run}: pass --jobs {len(slots)} or more GPUs")
+    if Path(notebook).resolve() == Path(TRAIN_NOTEBOOK).resolve():   # a notebook of your own may read no data
+        _check_config_roots(datasets, methods, seeds, data_roots, overrides, base_config)
     (root / "runs").mkdir(parents=True, exist_ok=True)
     report = SweepReport(results_root=root)
     runs = [Run(d, m, int(s)) for d in datasets for m in methods for s in seeds]
@@ -586,16 +588,15 @@ def _check_datasets(datasets: list[str], data_roots) -> None:
         raise SystemExit(f"--data-root: {folder} (data set {name}) is not a folder; give the folder that holds it")
 
 
-def _check_config_roots(args) -> None:
-    """Data sets without ``--data-root`` are read from their config's ``data.root`` (relative to
-    this folder, where the runs execute): that folder must exist too, before any run starts."""
-    roots = parse_data_roots(args.data_root)
-    for name in args.datasets:
-        if _root_for(roots, name) is not None:
+def _check_config_roots(datasets, methods, seeds, data_roots, overrides, base_config) -> None:
+    """Data sets without a data root of their own are read from their config's ``data.root``
+    (relative to this folder, where the runs execute): that folder must exist too, before any run."""
+    for name in datasets:
+        if _root_for(data_roots, name) is not None:
             continue
-        cfg = run_config(name, args.methods[0], args.seeds[0], None, args.overrides, args.base)
+        cfg = run_config(name, methods[0], seeds[0], None, overrides, base_config)
         if not Path(cfg.data.root).is_dir():
-            raise SystemExit(f"data set {name}: the config's data.root={cfg.data.root} is not a folder here; "
+            raise ValueError(f"data set {name}: the config's data.root={cfg.data.root} is not a folder here; "
                              f"pass --data-root DIR (or {name}=DIR)")
 
 
@@ -668,8 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(variant_names())}")
     _check_datasets(args.datasets, parse_data_roots(args.data_root))
-    if Path(args.notebook).resolve() == TRAIN_NOTEBOOK.resolve():   # a notebook of your own may read no data
-        _check_config_roots(args)
     if args.plugins:   # absolute paths: runs start in other folders and processes
         files = [str(Path(p).resolve()) if p.endswith(".py") else p for p in args.plugins]
         args.overrides = [f"plugins=[{', '.join(files)}]", *args.overrides]
