@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.eval_bench import SIZES, make_data  # noqa: E402
+from bench.eval_bench import SIZES, cpu_model, make_data  # noqa: E402
 from reidlib.eval.distance import GalleryDistance  # noqa: E402
 from reidlib.eval.protocol import excluded, ranked_gallery  # noqa: E402
 from reidlib.eval.rerank import rerank  # noqa: E402
@@ -47,16 +46,6 @@ from reidlib.viz.explorer_state import (  # noqa: E402
     rank_queries,
     sort_queries,
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_average() -> str:

@@ -81,3 +81,31 @@ def miniature(tmp_path_factory):
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return miniature_path(recipe, cache), recipe
+
+
+class KilledRun(Exception):
+    """Stands for a kill -9 in the middle of an epoch."""
+
+
+@pytest.fixture
+def train_killed_in_epoch(monkeypatch):
+    """``train_killed_in_epoch(cfg, stage_class, epoch)``: ``reidlib.train(cfg)`` killed as
+    ``stage_class`` starts its 0-based ``epoch``, leaving the run folder as a kill would; the stage
+    trains normally again afterwards, so a second ``train(cfg)`` resumes."""
+    import reidlib
+
+    def run(cfg, stage_class, epoch: int) -> None:
+        original = stage_class.train_epoch
+
+        def dies(self, ctx, optimizer, number):
+            if number == epoch:
+                raise KilledRun()
+            return original(self, ctx, optimizer, number)
+
+        monkeypatch.setattr(stage_class, "train_epoch", dies)
+        try:
+            with pytest.raises(KilledRun):
+                reidlib.train(cfg)
+        finally:
+            monkeypatch.setattr(stage_class, "train_epoch", original)
+    return run

@@ -144,9 +144,6 @@ def test_image_cache_is_built_when_it_fits(small_generated, monkeypatch, caplog)
     assert "image cache: 0.00 GiB on cuda:0" in caplog.text
 
 
-class Killed(Exception):
-    pass
-
 
 def _cache_and_fused_adam_on_the_cpu(monkeypatch):
     """The GPU's data and optimizer path on the CPU: the uint8 image cache augmented by
@@ -160,7 +157,8 @@ def _cache_and_fused_adam_on_the_cpu(monkeypatch):
     return fused
 
 
-def test_image_cache_and_fused_adam_resume_bit_identically(small_generated, tmp_path, monkeypatch, one_thread):
+def test_image_cache_and_fused_adam_resume_bit_identically(small_generated, tmp_path, monkeypatch,
+                                                           train_killed_in_epoch, one_thread):
     fused = _cache_and_fused_adam_on_the_cpu(monkeypatch)
     batches_from_cache = []
     original_epoch = TrainBatches.epoch
@@ -172,16 +170,8 @@ def test_image_cache_and_fused_adam_resume_bit_identically(small_generated, tmp_
     straight = reidlib.train(tiny(small_generated, tmp_path / "straight", *keys, method="proposed"))
     assert fused and all(batches_from_cache) and batches_from_cache
 
-    original = ImageEncoderStage.train_epoch
-    def dies_in_epoch_2(self, ctx, optimizer, epoch):
-        if epoch == 1:
-            raise Killed()
-        return original(self, ctx, optimizer, epoch)
-    monkeypatch.setattr(ImageEncoderStage, "train_epoch", dies_in_epoch_2)
     cfg = tiny(small_generated, tmp_path / "resumed", *keys, method="proposed")
-    with pytest.raises(Killed):
-        reidlib.train(cfg)
-    monkeypatch.setattr(ImageEncoderStage, "train_epoch", original)
+    train_killed_in_epoch(cfg, ImageEncoderStage, 1)
     resumed = reidlib.train(cfg)
 
     assert resumed == straight

@@ -94,11 +94,9 @@ def test_methods_command_lists_one_line_each():
 
 # --------------------------------------------------------------------------- a plug-in, end to end
 
-class Killed(Exception):
-    pass
 
-
-def test_a_plugin_method_learns_resumes_bit_identically_and_reloads(synth_root, tmp_path, monkeypatch, one_thread):
+def test_a_plugin_method_learns_resumes_bit_identically_and_reloads(synth_root, tmp_path, train_killed_in_epoch,
+                                                                    one_thread):
     straight_cfg = plain_cfg(synth_root, tmp_path / "straight")
     dataset = load_dataset("market1501", synth_root)
     torch.manual_seed(straight_cfg.seed)
@@ -115,19 +113,9 @@ def test_a_plugin_method_learns_resumes_bit_identically_and_reloads(synth_root, 
     assert {"id_loss", "tri_loss"} <= set(epochs[0])
 
     stage_class = type(get_method("plain").stages(straight_cfg)[0])
-    original = stage_class.train_epoch
-
-    def dies_in_epoch_3(self, ctx, optimizer, epoch):
-        if epoch == 2:
-            raise Killed()
-        return original(self, ctx, optimizer, epoch)
-
-    monkeypatch.setattr(stage_class, "train_epoch", dies_in_epoch_3)
     resumed_cfg = plain_cfg(synth_root, tmp_path / "resumed")
-    with pytest.raises(Killed):
-        reidlib.train(resumed_cfg)
+    train_killed_in_epoch(resumed_cfg, stage_class, 2)
     assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint_*.pt")) == ["checkpoint_stage1_e002.pt"]
-    monkeypatch.setattr(stage_class, "train_epoch", original)
     assert reidlib.train(resumed_cfg) == straight
     a = load_checkpoint(tmp_path / "straight" / "checkpoint_stage1_e004.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint_stage1_e004.pt")["model"]

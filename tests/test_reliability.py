@@ -20,22 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_bad_input import tiny  # the tiny baseline, one epoch per stage
 
 import reidlib
 from reidlib.__main__ import main as cli
 from reidlib.config import load_config
-from reidlib.methods import method_config
 from reidlib.storage import CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def tiny(root, out, *extra):
-    """The tiny baseline, one epoch per stage, on CPU."""
-    return method_config("baseline", [f"data.root={root}", f"output_dir={out}", "device=cpu",
-                                      "stage1.epochs=1", "stage2.epochs=1", "stage2.ims_per_batch=16",
-                                      "stage2.steps=[1]", *extra], base="tiny")
 
 
 def run_cli(*args):
