@@ -11,14 +11,33 @@ Five lines::
     metrics = reidlib.train(cfg)                  # stage 1 + stage 2 + final evaluation
     print(metrics["rank1"], metrics["mAP"])
 """
+import sys as _sys
+
 from .config import Config, help_text, load_config
 
-__version__ = "0.1.0"
+
+def _quiet_notebook_bars() -> None:
+    """In a notebook without ipywidgets (a core install has none), ``tqdm.auto`` warns once when it
+    is first imported ("IProgress not found", a TqdmWarning) and falls back to text bars, which
+    read fine there. It is imported once here without that warning; the bars stay as they are."""
+    if "ipykernel" not in _sys.modules or "tqdm.auto" in _sys.modules:
+        return
+    import warnings
+
+    from tqdm import TqdmWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)
+        import tqdm.auto  # noqa: F401
+
+
+_quiet_notebook_bars()
+
+__version__ = "0.3.0"
 
 __all__ = ["Config", "load_config", "method_config", "help_text", "build_model", "load_dataset",
            "dataset_from_config",
            "train", "test", "evaluate", "rerank", "extract_features", "load_trained_model", "FeatureExtractor",
-           "export_model", "build_miniature", "register_method", "get_method", "Method", "Stage",
+           "export_model", "push_to_hub", "build_miniature", "register_method", "get_method", "Method", "Stage",
            "ImageBatchStage"]
 
 
@@ -49,9 +68,9 @@ def __getattr__(name):
     if name == "FeatureExtractor":
         from .eval.extractor import FeatureExtractor
         return FeatureExtractor
-    if name == "export_model":
-        from .export import export_model
-        return export_model
+    if name in ("export_model", "push_to_hub"):
+        from . import export
+        return getattr(export, name)
     if name == "extract_features":
         from .eval.inference import extract_features
         return extract_features

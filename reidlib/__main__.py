@@ -1,11 +1,12 @@
 """Command line: ``python -m reidlib COMMAND ...`` (also installed as ``reidlib``).
 
     train   CONFIG [key=value ...]                          the method's stages, then the final evaluation
-    test    CONFIG weights=PATH [key=value ...]             evaluate a trained model
+    test    CONFIG weights=PATH [key=value ...] [--json]    evaluate a trained model (--json: every metric as JSON)
     extract CONFIG weights=PATH images=DIR out=feats.npz    features of a folder of images
     search  CONFIG weights=PATH query=IMG gallery=DIR|feats.npz [top=10] [grid=PNG]
     convert IN OUT [config=CONFIG] [key=value ...]          a reference state dict -> a reidlib checkpoint
-    export  weights=PATH format=onnx|torchscript out=FILE [half=true] [config=CONFIG]
+    export  [weights=]PATH out=FILE|DIR [format=onnx|torchscript|hf] [half=true] [target=boxmot [camera=K]]
+            [push=USER/NAME [private=true]] [config=CONFIG]   ONNX, TorchScript (.torchscript), BoxMOT, the hub
     info    weights=PATH [config=CONFIG]                    the model card (a reference file: what was detected)
     sweep   --datasets ... --methods ... --seeds ...        papermill runs of notebooks/train_eval.ipynb
     demo                                                    generated data -> baseline vs proposed -> table
@@ -19,6 +20,7 @@ weights= takes a reidlib checkpoint or a state dict of the CLIP-ReID reference c
 and info use the checkpoint's own config (a reference file: vit_clipreid or rn50_clipreid) unless
 config= names one.
 Under torchrun, ``torchrun --nproc_per_node N -m reidlib train ...`` trains with DDP.
+``reidlib train CONFIG --help`` lists the keys with that config's values.
 """
 from __future__ import annotations
 
@@ -33,13 +35,17 @@ COMMANDS = ("train", "test", "extract", "search", "sweep", "demo", "convert", "e
 # Command arguments that are not config keys, and the config keys some of them stand for.
 ALIASES = {"weights": "test.weights"}
 COMMAND_ARGS = {"extract": ("images", "out"), "search": ("query", "gallery", "top", "grid"),
-                "convert": ("config",), "export": ("format", "out", "half", "config"), "info": ("config",)}
+                "convert": ("config",), "info": ("config",),
+                "export": ("format", "out", "half", "config", "target", "camera", "view", "push", "private")}
 # Commands about one weights file: CONFIG is optional (config=NAME), the file's own by default.
 WEIGHTS_COMMANDS = ("convert", "export", "info")
 
 
-def _usage() -> str:
-    return (__doc__ or "") + "\nConfig keys (override with key=value):\n" + help_text()
+def _usage(cfg=None, name: str | None = None) -> str:
+    """The usage text with every config key: the defaults, or ``cfg``'s values (config ``name``)."""
+    where = f"\nConfig keys of {name} (override with key=value):\n" if cfg is not None else \
+        "\nConfig keys (override with key=value):\n"
+    return (__doc__ or "") + where + help_text(cfg)
 
 
 def split_arguments(command: str, args: list[str]) -> tuple[str | None, list[str], dict[str, str]]:
@@ -136,8 +142,9 @@ def _main(argv: list[str] | None = None) -> int:
         from .explore_page import main as explore_main
         return explore_main(rest)
     if "-h" in rest or "--help" in rest:
-        print(_usage())
-        return 0
+        return _command_help(command, [arg for arg in rest if arg not in ("-h", "--help")])
+    as_json = command == "test" and "--json" in rest
+    rest = [arg for arg in rest if not (as_json and arg == "--json")]
     if command in WEIGHTS_COMMANDS:
         return _weights_command(command, rest)
     config, overrides, extra = split_arguments(command, rest)
@@ -150,7 +157,11 @@ def _main(argv: list[str] | None = None) -> int:
     elif command == "test":
         from .engine.trainer import test
         metrics = test(cfg)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k != "cmc"})
+        if as_json:
+            import json
+            print(json.dumps(metrics, indent=1, default=str))
+        else:
+            print(metrics_table(metrics))
     elif command == "extract":
         _require(extra, command, "images", "out")
         from .search import extract_folder
@@ -161,6 +172,50 @@ def _main(argv: list[str] | None = None) -> int:
         search(cfg, extra["query"], extra["gallery"], top=_top(extra.get("top", "10")),
                grid=extra.get("grid", "retrieval.png"))
     return 0
+
+
+def _command_help(command: str, rest: list[str]) -> int:
+    """``COMMAND CONFIG [key=value ...] --help``: the usage with that config's values (overrides
+    applied); without a CONFIG (or for a weights command), the defaults."""
+    config = None
+    if command not in WEIGHTS_COMMANDS:
+        config, overrides, _ = split_arguments(command, rest)
+    if config is None:
+        print(_usage())
+        return 0
+    print(_usage(load_config(config, overrides), config))
+    return 0
+
+
+# metrics.json key -> column of `reidlib test`'s table (values in %)
+TABLE_COLUMNS = {"rank1": "R1", "rank5": "R5", "rank10": "R10", "mAP": "mAP", "mINP": "mINP"}
+
+
+def metrics_table(metrics: dict) -> str:
+    """A test's metrics as a small table in %: R1, R5, R10, mAP and mINP (those present), a row
+    for the re-ranked ones when there are, and the protocol and number of scored queries.
+
+    >>> print(metrics_table({"rank1": 0.5, "rank5": 0.75, "rank10": 0.9, "mAP": 0.4, "cmc": [0.5] * 50}))
+                R1     R5    R10    mAP
+    metrics  50.00  75.00  90.00  40.00
+    """
+    columns = [k for k in TABLE_COLUMNS if isinstance(metrics.get(k), (int, float))]
+    rows = [("metrics", [100 * float(metrics[k]) for k in columns])]
+    if all(isinstance(metrics.get(f"rerank_{k}"), (int, float)) for k in columns) and columns:
+        rows.append(("re-ranked", [100 * float(metrics[f"rerank_{k}"]) for k in columns]))
+    label = max(len(name) for name, _ in rows)
+    lines = [" " * label + "".join(f"{TABLE_COLUMNS[k]:>7}" for k in columns)]
+    lines += [f"{name:<{label}}" + "".join(f"{v:7.2f}" for v in values) for name, values in rows]
+    notes = []
+    if "num_valid_queries" in metrics:
+        notes.append(f"{metrics['num_valid_queries']} queries scored")
+    if metrics.get("num_trials"):
+        notes.append(f"mean over {metrics['num_trials']} gallery draws")
+    if metrics.get("protocol"):
+        notes.append(str(metrics["protocol"]))
+    if notes:
+        lines.append("; ".join(notes))
+    return "\n".join(lines)
 
 
 def _methods_command(rest: list[str]) -> int:
@@ -204,6 +259,8 @@ def _weights_command(command: str, rest: list[str]) -> int:
                              "to write, or a .pt file)")
         weights = positional[0]
         _check_convert_output(weights, positional[1])
+    elif command == "export" and len(positional) == 1 and not given:
+        weights = positional[0]            # `export RUN/model out=...` reads as well as weights=RUN/model
     elif positional or not given:
         raise SystemExit(f"reidlib {command}: give weights=PATH" + (f", not '{positional[0]}'" if positional else ""))
     else:
@@ -216,11 +273,8 @@ def _weights_command(command: str, rest: list[str]) -> int:
         convert_weights(weights, positional[1], cfg, dataset=cfg.data.dataset if named else None)
     elif command == "export":
         _require(extra, command, "out")
-        from .export import export_model
-        half = extra.get("half", "false").lower()
-        if half not in ("true", "false"):
-            raise ValueError(f"half={extra['half']}: use true or false")
-        export_model(weights, extra["out"], format=extra.get("format", "onnx"), half=half == "true", cfg=cfg)
+        from .export import export_command
+        export_command(weights, extra, cfg)
     else:
         _print_card(weights, cfg)
     return 0

@@ -144,11 +144,12 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     test: TestConfig = field(default_factory=TestConfig)
-    method: str = opt("clipreid", "the training method, a registered name: clipreid | thesis | pcl-style plug-ins (python -m reidlib methods lists them)")
+    method: str = opt("clipreid", "the training method, a registered name: clipreid | thesis | pcl | promptsg | a plug-in's (python -m reidlib methods lists them)")
     plugins: list = opt([], "Python files (.py) or importable modules that register methods of your own (reidlib.register_method); imported before the method is looked up, here and in every process a sweep or torchrun starts")
     options: dict = opt({}, "the method's own settings, set as options.NAME=value (python -m reidlib methods NAME lists them with their defaults)")
     seed: int = opt(1234, "seed for python, numpy, torch and the samplers")
     output_dir: str = opt("results/runs/default", "run folder: resolved config, checkpoints, metrics.jsonl, metrics.json")
+    tensorboard: bool = opt(True, "write TensorBoard event files of every epoch and evaluation to OUTPUT_DIR/tensorboard/ (rank 0; view with tensorboard --logdir OUTPUT_DIR/tensorboard); false: metrics.jsonl only")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     precision: str = opt("auto", "training: auto (bf16 autocast on CUDA cards with compute capability >= 8.0, fp16 with a GradScaler on older ones, fp32 on CPU) | bf16 | fp16 (autocast + GradScaler) | fp32 (test features: test.precision)")
     tf32: bool = opt(True, "TF32 for training's fp32 matmuls and convolutions on CUDA (Ampere+; a no-op elsewhere); scoped to training, test features follow test.tf32")
@@ -274,11 +275,19 @@ def all_keys(cls=Config, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
     return out
 
 
-def help_text() -> str:
-    """Every config key with its default and meaning, one per line."""
+def help_text(cfg: Config | None = None) -> str:
+    """Every config key with its value and meaning: the defaults, or ``cfg``'s values (a value
+    that differs from the default says so).
+
+    >>> help_text(load_config("tiny")).splitlines()[0]
+    "  model.name = 'vit-tiny8'  (default: 'ViT-B-16')"
+    """
+    values = flatten(to_dict(cfg)) if cfg is not None else {}
     lines = []
     for key, (_, text, default) in all_keys().items():
-        lines.append(f"  {key} = {default!r}\n      {text}")
+        value = values.get(key, default)
+        note = f"  (default: {default!r})" if cfg is not None and not _same(value, default) else ""
+        lines.append(f"  {key} = {value!r}{note}\n      {text}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,50 @@ from .storage import check_writable
 log = logging.getLogger("reidlib")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged: a notebook cell's output, a
+    redirected or captured stdout."""
+    reidlib_progress = True
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stdout(level: int = logging.INFO) -> None:
+    """Print reidlib's log lines (the data set's table, a line per epoch, the final metrics) to
+    stdout at ``level``; calling it again adds no second handler."""
+    logger = logging.getLogger("reidlib")
+    if not any(getattr(h, "reidlib_progress", False) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+    logger.setLevel(level)
+
+
+def default_logging() -> bool:
+    """What ``reidlib.train`` and ``reidlib.test`` do first: when nothing has configured logging (no
+    handler on the root logger nor on ``reidlib``'s), print reidlib's INFO lines to stdout, as the
+    command line prints them. Returns whether it added the handler.
+
+    To keep a run quiet: ``logging.getLogger("reidlib").setLevel(logging.WARNING)`` (a level set
+    on the logger is kept), or configure logging yourself (``logging.basicConfig(...)``: reidlib's
+    lines then go where yours go, at your levels)."""
+    logger = logging.getLogger("reidlib")
+    if logging.getLogger().handlers or logger.handlers:
+        return False
+    logger.addHandler(_StdoutHandler())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    return True
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -35,6 +80,9 @@ class Runtime:
     local_rank: int = 0
     started: float = field(default_factory=time.time)
     scaler: Any = None                     # a torch.amp.GradScaler under fp16, else None
+    # Where each metrics.jsonl record goes too (rank 0): callables taking the record, e.g. the
+    # engine's TensorBoard writer; one with a close() is closed by close().
+    sinks: list = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -51,15 +99,25 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def log_metrics(self, record: dict) -> None:
-        """Append one JSON object to ``metrics.jsonl`` (rank 0 only)."""
+        """Append one JSON object to ``metrics.jsonl`` and hand it to every sink (rank 0 only)."""
         if not self.is_main:
             return
         record = {"time": round(time.time() - self.started, 2), **record}
         with open(self.output_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
+
+    def close_sinks(self) -> None:
+        """Close the sinks that can be closed (their files complete); they are dropped."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            if hasattr(sink, "close"):
+                sink.close()
 
     def close(self) -> None:
-        """Leave the process group (torchrun runs) once every rank is done."""
+        """Close the sinks and leave the process group (torchrun runs) once every rank is done."""
+        self.close_sinks()
         if self.distributed and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .data.datasets import list_image_folder, parse_identity_name
+from .data.images import usable_workers
 from .eval.distance import compute_distance
 from .eval.extractor import FeatureExtractor
 from .eval.protocol import excluded, exclusion_labels, ranked_gallery
@@ -52,7 +53,7 @@ def _extractor_for(cfg) -> FeatureExtractor:
     default_view = cfg.test.default_view if cfg.test.default_view >= 0 else None
     return FeatureExtractor(cfg.test.weights, device=cfg.device, precision=cfg.test.precision,
                             batch_size=cfg.test.batch_size, config=cfg, default_camera=default_camera,
-                            default_view=default_view, num_workers=cfg.data.num_workers)
+                            default_view=default_view, num_workers=usable_workers(cfg.data.num_workers))
 
 
 def extract_folder(cfg, images: str | Path, out: str | Path) -> Path:

@@ -321,6 +321,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         with warnings.catch_warnings():  # torch's advice on pickle protocols is not the user's business
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # a TorchScript export given as a checkpoint: the error below says what it is
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _refusal(str(e), path)

@@ -74,11 +74,18 @@ def miniature(tmp_path_factory):
     import subprocess
     import sys
 
+    from filelock import FileLock
+
     from reidlib.demo.pretrain import PretrainRecipe, miniature_path
-    recipe, cache = PretrainRecipe(steps=300, warmup_steps=30), tmp_path_factory.mktemp("miniature")
+    recipe = PretrainRecipe(steps=300, warmup_steps=30)
+    # one build for the whole run: under pytest-xdist (`make test` runs two workers) the workers share
+    # the base temp folder's parent, and the second finds the first's checkpoint in the cache
+    cache = tmp_path_factory.getbasetemp().parent / "miniature"
+    cache.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "reidlib", "pretrain", "--cache", str(cache), "--steps", str(recipe.steps),
                "--warmup-steps", str(recipe.warmup_steps)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    with FileLock(str(cache) + ".lock"):
+        done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return miniature_path(recipe, cache), recipe
 

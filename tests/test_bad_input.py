@@ -311,8 +311,11 @@ def test_stale_temp_files_go_at_the_next_save(tmp_path):
 def test_stale_temp_files_go_at_the_start_of_a_run(synth_root, tmp_path):
     stale = tmp_path / ".model_final.pt.abcdefgh.tmp"
     stale.write_bytes(b"\0" * 1000)
-    with pytest.raises(ValueError, match="identities per batch"):  # stops at the pre-flight checks
+    with pytest.raises(ValueError, match="identities per batch"):  # the pre-flight checks: nothing touched yet
         reidlib.train(tiny(synth_root, tmp_path, "stage2.ims_per_batch=64"))
+    assert stale.exists()
+    with pytest.raises(ValueError, match="not a resumable checkpoint"):   # stops once the run has started
+        reidlib.train(tiny(synth_root, tmp_path, f"resume={tmp_path}"))
     assert not stale.exists()
 
 

@@ -120,6 +120,22 @@ def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, train_killed
     b = read_trained(tmp_path / "resumed" / "model")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # TensorBoard: the resumed run appended to its event files; each step is there once, as uninterrupted
+    board = {name: tensorboard_scalars(tmp_path / name / "tensorboard") for name in ("straight", "resumed")}
+    steps = {name: {tag: [step for step, _ in values] for tag, values in b.items()} for name, b in board.items()}
+    assert steps["resumed"] == steps["straight"]
+    timed = lambda b: {tag: values for tag, values in b.items() if not tag.endswith("_per_s")}  # noqa: E731
+    assert timed(board["resumed"]) == timed(board["straight"])     # throughput aside: the same values
+    assert [step for step, _ in board["resumed"]["stage2/loss"]] == [4, 5, 6]   # after stage 1's 3 epochs
+    assert len(list((tmp_path / "resumed" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def tensorboard_scalars(folder) -> dict:
+    """tag -> [(step, value)] as TensorBoard reads ``folder`` (a resumed run's purged steps left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_resume_with_another_config_names_the_keys(synth_root, tmp_path):

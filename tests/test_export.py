@@ -66,7 +66,7 @@ def test_onnx_and_torchscript_equal_pytorch(tmp_path, overrides):
     assert meta["image_size"] == "[128, 64]" and meta["num_cameras"] == ("3" if sie else "0")
     assert meta["num_views"] == ("4" if views else "0")
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.data"))   # one file, written atomically
-    ts_path = export_model(path, tmp_path / "model_ts.pt", format="torchscript")
+    ts_path = export_model(path, tmp_path / "model.torchscript")        # the suffix picks TorchScript
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.load(str(ts_path))
@@ -92,9 +92,9 @@ def test_half_onnx_runs_in_fp16(tmp_path):
     assert sizes.get(onnx.TensorProto.FLOAT16, 0) > 0.95 * sum(sizes.values())
 
 
-def test_readme_onnxruntime_lines_give_the_extractor_features(tmp_path, synth_root):
-    """The README's ten lines, run as written on a folder of crops next to an exported model."""
-    readme = (ROOT / "README.md").read_text()
+def test_usage_doc_onnxruntime_lines_give_the_extractor_features(tmp_path, synth_root):
+    """docs/usage.md's ten lines, run as written on a folder of crops next to an exported model."""
+    readme = (ROOT / "docs" / "usage.md").read_text()
     section = readme[readme.index("## Export"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "onnxruntime" in code and len(code.strip().splitlines()) <= 12
@@ -109,7 +109,7 @@ def test_readme_onnxruntime_lines_give_the_extractor_features(tmp_path, synth_ro
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/usage.md", "exec"), namespace)
     finally:
         os.chdir(cwd)
     expected = reidlib.FeatureExtractor(path, device="cpu")(sorted(str(p) for p in crops.glob("*.jpg")))
@@ -126,14 +126,36 @@ def test_cli_export_and_info(tmp_path, capsys):
                            f"out={tmp_path / 'cli.onnx'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    # the exporter's ~60 progress lines are held back: one line per export
+    assert done.stdout == "" and done.stderr.strip().splitlines()[-1].startswith("exported ")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     session = ort.InferenceSession(str(tmp_path / "cli.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = model.encode_image(BATCH, CAMS)
     assert _relative(session.run(None, {"images": BATCH.numpy(), "cameras": CAMS.numpy()})[0], expected) <= 1e-4
     assert main(["export", f"weights={path}", "format=tflite", f"out={tmp_path / 'x'}"]) == 2
-    assert "format=tflite: use onnx or torchscript" in capsys.readouterr().err
+    assert "format=tflite: use onnx, torchscript or hf" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="missing out="):
         main(["export", f"weights={path}", "format=onnx"])
+    assert main(["export", f"weights={path}", f"out={tmp_path / 'b.onnx'}", "target=boxmot", "camera=x"]) == 2
+    assert "camera=x: a 0-based id, e.g. camera=0" in capsys.readouterr().err
     assert main(["info", f"weights={path}"]) == 0
     out = capsys.readouterr().out
     assert "SIE: 3 cameras" in out and "reidlib_version:" in out and "created:" in out
+
+
+def test_export_is_quiet_and_gets_the_umask_mode(tmp_path, caplog, capfd):
+    """One INFO line per export (not the ONNX exporter's progress), and the mode a new file gets
+    under the umask (0644 under 022), not mkstemp's 0600."""
+    import logging
+    path, _ = _saved(tmp_path)
+    caplog.set_level(logging.INFO)
+    old = os.umask(0o022)
+    try:
+        out = export_model(path, tmp_path / "quiet.onnx")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [r.name for r in caplog.records] == ["reidlib"] and caplog.records[0].getMessage().startswith("exported")
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""

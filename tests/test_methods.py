@@ -85,7 +85,7 @@ def test_configs_saved_before_methods_existed_name_their_method():
 def test_methods_command_lists_one_line_each():
     out = subprocess.run([sys.executable, "-m", "reidlib", "methods", "--plugins", str(PLUGIN)],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout.splitlines()
-    assert [line.split()[0] for line in out] == ["clipreid", "thesis", "plain"]
+    assert [line.split()[0] for line in out] == ["clipreid", "thesis", "pcl", "promptsg", "plain"]
     assert "[proposed, deep_only, lora_only]" in out[1]
     detail = subprocess.run([sys.executable, "-m", "reidlib", "methods", "plain", "--plugins", str(PLUGIN)],
                             capture_output=True, text=True, cwd=ROOT, check=True).stdout

@@ -9,6 +9,7 @@ tests. The summary is checked against the metrics files, recomputed here.
 import contextlib
 import io
 import json
+import os
 
 import nbformat
 import numpy as np
@@ -110,6 +111,17 @@ def test_figures(demo_run):
         f"{kind}_synth_seed0" for kind in ("attention_rollout", "attention_last", "retrieval")]
     for name in names:
         assert (root / "figures" / f"{name}.png").stat().st_size > 20_000, name
+        assert (root / "figures" / f"{name}.pdf").is_file(), name          # every figure: 300 dpi PNG + PDF
+
+
+def test_zero_shot_rows(demo_run):
+    _, _, root, _, _ = demo_run
+    summary = pd.read_csv(root / "summary.csv")
+    zero = summary[summary["method"] == "zero_shot"].set_index("dataset")
+    assert sorted(zero.index) == sorted(GROUPS.values())                   # the starting weights of both groups
+    assert zero.loc[GROUPS["pretrained"], "mAP_mean"] > zero.loc[GROUPS["random"], "mAP_mean"] + 10
+    assert zero["mAP_delta"].isna().all()                                  # a reference point, never tested
+    assert "| Zero-shot (no re-ID training) | – |" in (root / "summary.md").read_text()
 
 
 def test_rerun_skips_and_a_broken_run_is_reported(demo_run):
@@ -126,3 +138,41 @@ def test_rerun_skips_and_a_broken_run_is_reported(demo_run):
                   overrides=overrides + ["stage2.epochs=many"], base_config="tiny", compare_notebook=None,
                   jobs=2, echo=lambda text: None)
     assert not run_dir(root, "synth", "baseline", 7).exists()
+
+
+def test_every_notebook_runs_with_its_defaults_after_the_demo(demo_run, tmp_path):
+    """A new user's path: after `make demo`, open each notebook and run it as it is. The repository's
+    layout is rebuilt around the demo's output (notebooks/ beside data/ and results/demo/, the demo's
+    miniature where `make demo` caches it), and each notebook is executed with no parameter given."""
+    import shutil
+
+    import papermill as pm
+
+    from reidlib.demo.pretrain import PretrainRecipe, miniature_path
+    from reidlib.experiments.sweep import COMPARE_NOTEBOOK
+
+    _, _, results, data, miniature = demo_run
+    repo = tmp_path / "repo"
+    shutil.copytree(COMPARE_NOTEBOOK.parent, repo / "notebooks", ignore=shutil.ignore_patterns("*.md"))
+    (repo / "data").mkdir()
+    (repo / "data" / "synth").symlink_to(data)
+    cached = miniature_path(PretrainRecipe(), repo / "data" / "miniature")
+    cached.parent.mkdir()
+    cached.symlink_to(miniature)        # where `make demo` caches the miniature of its recipe
+    (repo / "results").mkdir()
+    (repo / "results" / "demo").symlink_to(results)
+    for name in ("compare", "attention", "explore", "train_eval"):
+        out = tmp_path / f"{name}_defaults.ipynb"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("OMP_NUM_THREADS", "1")
+            pm.execute_notebook(str(repo / "notebooks" / f"{name}.ipynb"), str(out), kernel_name="python3",
+                                progress_bar=False, cwd=str(repo / "notebooks"))
+        assert not _errors(out), name
+    # train_eval.ipynb trained from the demo's miniature, not from random weights, and drew its curves
+    run = repo / "results" / "synth" / "proposed" / "seed0"
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    started = os.path.normpath(repo / "notebooks" / model["pretrained"])   # relative to the notebook's folder
+    assert started == str(cached) and (run / "training_curves.png").is_file()
+    assert json.loads((run / "metrics.json").read_text())["mAP"] > 0.3
+    # compare.ipynb kept the demo's two groups apart (groups.json), as the demo's own summary does
+    assert (results / "summary.md").read_text().count("synth, random init") >= 1

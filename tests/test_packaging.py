@@ -193,3 +193,46 @@ def test_make_test_lints_and_runs_doctests():
     assert "$(BIN)/ruff check reidlib tests bench" in recipe
     pytest_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "reidlib" in pytest_cfg["testpaths"] and "--doctest-modules" in pytest_cfg["addopts"].split()
+
+
+def test_inference_install_leaves_out_notebooks_and_cluster():
+    """`pip install reidlib` (the core) trains, tests and extracts without JupyterLab, papermill or
+    submitit; they come with the `notebooks` and `cluster` extras, and `all` and `dev` hold every group."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_name(r) for r in meta["dependencies"]}
+    assert not core & {"jupyterlab", "papermill", "submitit", "ipykernel", "voila", "ipywidgets"}
+    assert {"tensorboard", "safetensors", "huggingface-hub"} <= core
+    extras = {k: {_name(r) for r in v} for k, v in meta["optional-dependencies"].items()}
+    assert {"papermill", "jupyterlab"} <= extras["notebooks"] and extras["cluster"] == {"submitit"}
+    groups = set().union(*(v for k, v in extras.items() if k not in ("all", "dev")))
+    assert extras["all"] == groups and groups <= extras["dev"]
+
+
+def test_core_api_imports_nothing_of_the_extras():
+    """Importing reidlib and building its feature extractor's module path pulls in no extra's package."""
+    import subprocess
+    import sys
+    code = ("import sys, reidlib, reidlib.eval.extractor, reidlib.engine.trainer, reidlib.export; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'papermill', 'submitit', 'jupyterlab', 'ipywidgets', 'voila', 'onnxruntime', 'cv2', 'boxmot'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_boxmot_installed_without_its_dependencies():
+    """BoxMOT's declared dependencies pull a CUDA torch: the Makefile installs it with --no-deps, after
+    the lock (whose `track` extra holds what its re-ID back-ends and trackers import)."""
+    text = (ROOT / "Makefile").read_text()
+    pin = _makefile_var("BOXMOT")
+    assert re.fullmatch(r"boxmot==[\d.]+", pin)
+    assert text.count("uv pip install -q --python $(BIN)/python --no-deps $(BOXMOT)") == 2   # both torch modes
+
+
+def test_license_and_citation_agree_with_pyproject():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"]["text"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["license"] == "MIT" and cff["version"] == meta["version"]
+    cited = " ".join(ref["title"] for ref in cff["references"])
+    for work in ("CLIP-ReID", "Person Re-Identification", "Prototypical Contrastive", "Worth One Prompt"):
+        assert work in cited, work

@@ -34,6 +34,7 @@ data_root = None
 method = "baseline"
 seed = 0
 base_config = None
+start_weights = None
 overrides = []
 output_dir = None
 device = "auto"

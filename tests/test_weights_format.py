@@ -59,7 +59,7 @@ def _features(path):
 
 def test_round_trip_gives_equal_tensors_and_card(saved):
     folder, _, record, _ = saved
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     for path in (folder, folder / "config.json", folder / "model.safetensors"):
         state = read_trained(path)
         assert state["model"].keys() == record["model"].keys()
@@ -127,6 +127,18 @@ def test_an_edited_card_is_found(saved, tmp_path):
     (folder / "config.json").write_text("{\"format\": \"reidlib trained model\", ")
     with pytest.raises(CheckpointError, match=r"config\.json is damaged \(not JSON"):
         read_trained(folder)
+
+
+def test_the_readme_is_the_card_and_a_folder_without_one_loads(saved, tmp_path):
+    """README.md (the model card for hubs) is generated from config.json; nothing reads it, so a
+    folder written before it existed loads the same."""
+    from reidlib.weights.trained import model_card
+    folder = save_trained(tmp_path / "model", *_parts(saved))
+    assert (folder / "README.md").read_text() == model_card(json.loads((folder / "config.json").read_text()))
+    assert "SIE: the features depend on a camera id (0..2)" in (folder / "README.md").read_text()
+    before = _features(folder)
+    (folder / "README.md").unlink()
+    assert torch.equal(_features(folder), before) and read_trained(folder)["num_classes"] == 5
 
 
 def test_a_legacy_file_still_loads(saved):

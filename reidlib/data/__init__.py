@@ -23,14 +23,15 @@ from .datasets import (
     parse_market_name,
     register_dataset,
 )
-from .images import ImageDataset, UnreadableImageError, read_image
+from .images import ImageDataset, UnreadableImageError, cpu_cores, read_image, usable_workers
 from .sampler import DistributedIdentitySampler, RandomIdentitySampler
 from .transforms import RandomErasing, build_transforms, gpu_train_augment, interpolation_mode, test_tensor_transform
 
 __all__ = [
     "Item", "ReIDDataset", "dataset_names", "load_dataset", "register_dataset", "dataset_from_config",
     "IMAGE_EXTENSIONS", "list_image_folder", "parse_market_name", "parse_identity_name",
-    "ImageDataset", "UnreadableImageError", "read_image", "TrainImageCache", "TrainBatches", "make_image_cache",
+    "ImageDataset", "UnreadableImageError", "read_image", "usable_workers", "cpu_cores",
+    "TrainImageCache", "TrainBatches", "make_image_cache",
     "RandomIdentitySampler", "DistributedIdentitySampler",
     "RandomErasing", "build_transforms", "gpu_train_augment", "interpolation_mode", "test_tensor_transform",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.context
+import os
 
 import numpy as np
 import torch
@@ -25,6 +26,33 @@ log = logging.getLogger("reidlib.data")
 
 WARN_AT_MOST = 5  # unreadable-image warnings per dataset; later ones are only counted
 COUNTER_SLOTS = 65  # the main process and up to 64 DataLoader workers count their own skips
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS has one), as torch's DataLoader
+    counts them when it warns about too many workers."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            pass
+    return os.cpu_count() or 1
+
+
+def usable_workers(requested: int, key: str = "data.num_workers", quiet: bool = False) -> int:
+    """``requested`` DataLoader workers, at most the cores this process may use: more only compete
+    for them (and torch warns about it on every loader). Lowering it is said in one INFO line
+    (DEBUG with ``quiet``, e.g. on the ranks other than 0).
+
+    >>> usable_workers(0)
+    0
+    """
+    cores = cpu_cores()
+    if requested <= cores:
+        return requested
+    log.log(logging.DEBUG if quiet else logging.INFO,
+            "%s=%d lowered to %d: this process may use %d CPU core(s)", key, requested, cores, cores)
+    return cores
 
 
 class UnreadableImageError(OSError):

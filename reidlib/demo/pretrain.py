@@ -108,6 +108,32 @@ def miniature_path(recipe: PretrainRecipe, cache_dir: str | Path = DEFAULT_CACHE
     return Path(cache_dir) / f"clip-{recipe.name}-{recipe.key()}.pt"
 
 
+def start_weights(value: str | None, cache_dir: str | Path = DEFAULT_CACHE,
+                  base_config: str | None = "tiny") -> list[str]:
+    """The config keys that start a run from ``value``: ``"miniature"`` (the demo's pretrained
+    miniature for the ``tiny`` config, from ``cache_dir``; GELU, as it was trained), ``"openai"`` or
+    a weights file (``model.pretrained=``), ``"none"`` (random), or None (the config's own: no key).
+
+    >>> start_weights("openai")
+    ['model.pretrained=openai']
+    >>> start_weights(None)
+    []
+    """
+    if value is None:
+        return []
+    if value != "miniature":
+        return [f"model.pretrained={value}"]
+    if base_config != "tiny":
+        raise ValueError(f"start_weights='miniature' is the tiny config's CLIP, not {base_config or 'ViT-B/16'}'s: "
+                         "set base_config='tiny', or start_weights=None (the config's own weights) or a file")
+    path = miniature_path(PretrainRecipe(), cache_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"the demo's pretrained miniature is not at {path}: run `make demo` or "
+                                "`python -m reidlib pretrain` first, or start from other weights "
+                                "(start_weights=None: the config's own, \"none\": random)")
+    return [f"model.pretrained={path}", "model.quick_gelu=false"]
+
+
 def build_miniature(recipe: PretrainRecipe = PretrainRecipe(), cache_dir: str | Path = DEFAULT_CACHE,
                     device: str = "cpu", force: bool = False, echo=log.info) -> Path:
     """The pretrained miniature's checkpoint for ``recipe``: the cached file when it is there and

@@ -8,7 +8,8 @@ Steps: write the generated Market-format data set to ``data/synth`` (when missin
 ``synth``) and print its statistics; pretrain the miniature CLIP on a generated image-caption set
 (:mod:`reidlib.demo.pretrain`; cached in ``data/miniature`` under a hash of its recipe, so only
 the first demo pays for it); train every (method, seed) with the ``tiny`` config twice, from the
-miniature and from random weights, by executing ``notebooks/train_eval.ipynb`` through the sweep
+miniature and from random weights (and test both starting points as they are: the table's
+zero-shot rows), by executing ``notebooks/train_eval.ipynb`` through the sweep
 (finished runs are skipped on a re-run); execute ``compare.ipynb`` on both groups and
 ``attention.ipynb`` on the pretrained runs; draw the miniature's zero-shot text-to-image search;
 print the summary table. Results: ``results/demo/`` (``summary.md``, ``summary.csv``,
@@ -30,6 +31,7 @@ from pathlib import Path
 from ..config import load_config
 from ..experiments.layout import run_dir
 from ..experiments.sweep import ATTENTION_NOTEBOOK, COMPARE_NOTEBOOK, error_message, execute_notebook, run_sweep
+from ..viz.tables import write_groups
 
 DATASET = "synth"
 # On top of the tiny config (whose epochs and LRs are sized for this demo): every other stage-2
@@ -39,7 +41,11 @@ DEMO_OVERRIDES = ["stage2.eval_period=2"]
 # pretrained with it (and loading an open_clip checkpoint picks it), and the control then differs
 # from it in the weights alone.
 GROUPS = {"pretrained miniature": "pretrained", "random init": "random"}
+# `--methods all`: the thesis's two and the newer methods beside them (each on the tiny config).
+ALL_METHODS = ["baseline", "proposed", "pcl", "promptsg"]
 ZERO_SHOT_FIGURE = "zero_shot_text_search.png"
+# The starting weights' own test (no re-ID training) in each group: a row of the summary, a bar.
+ZERO_SHOT_METHOD = "zero_shot"
 
 
 def _has_images(root: Path) -> bool:
@@ -84,13 +90,47 @@ def zero_shot_figure(miniature: str | Path, data, out_png: str | Path, top: int 
     plt.close(figure)
 
 
+def zero_shot_config(group: str, miniature: str | Path, root: str | Path, overrides=(), device: str = "cpu"):
+    """The config a group's runs start from (the tiny config, the demo's keys, the group's weights)."""
+    return load_config("tiny", [*DEMO_OVERRIDES, *group_overrides(group, miniature), *overrides,
+                                f"data.dataset={DATASET}", f"data.root={root}", f"device={device}"])
+
+
+def zero_shot_metrics(cfg, data) -> dict:
+    """Test metrics of the re-ID model as ``cfg`` builds it, before any training: the starting
+    weights' image features as they are (the classifiers, which the test does not use, drawn with
+    seed 0)."""
+    import torch
+
+    from ..eval.inference import evaluate_model
+    from ..model import build_model
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=data.num_train_pids)
+    return evaluate_model(model, data, cfg, progress=False)
+
+
+def write_zero_shot(group_root: str | Path, metrics: dict, cfg=None) -> Path:
+    """``GROUP/<dataset>/zero_shot/metrics.json``: the starting weights' test, a run of "method"
+    ``zero_shot`` (seed 0: nothing was trained) that the summary lists beside the trained runs (a
+    reference point: in the table of all runs and the bars, never in a paired test). Not a sweep's
+    ``seed<k>`` folder, so that sweeps and their status leave it alone."""
+    from ..storage import write_json
+    path = Path(group_root) / DATASET / ZERO_SHOT_METHOD / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {"weights": cfg.model.pretrained} if cfg is not None else {}
+    write_json(path, {"dataset": DATASET, "method": ZERO_SHOT_METHOD, "seed": 0, **weights,
+                      **{k: v for k, v in metrics.items()}})
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reidlib demo",
                                      description="Generated data + pretrained miniature CLIP -> baseline vs "
                                                  "proposed over seeds, from the miniature and from random "
                                                  "weights (tiny config, CPU) -> results/demo/summary.md.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default: 0 1")
-    parser.add_argument("--methods", nargs="+", default=["baseline", "proposed"])
+    parser.add_argument("--methods", nargs="+", default=["baseline", "proposed"],
+                        help="sweep names (default: baseline proposed); 'all': " + " ".join(ALL_METHODS))
     parser.add_argument("--data", default="data/synth", help="generated data set folder (default data/synth)")
     parser.add_argument("--results", default="results/demo", help="results folder (default results/demo)")
     parser.add_argument("--ids", type=int, default=60, help="identities of the generated set (default 60)")
@@ -124,6 +164,9 @@ def _miniature(args) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "all" in args.methods:
+        expanded = (m for name in args.methods for m in (ALL_METHODS if name == "all" else [name]))
+        args.methods = list(dict.fromkeys(expanded))
     echo = lambda text: print(text, flush=True)  # noqa: E731
     started = time.time()
     # One CPU thread per run (the notebooks' kernels inherit it) and --jobs runs at once: the tiny
@@ -144,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                                    overrides=DEMO_OVERRIDES + group_overrides(group, miniature) + args.overrides,
                                    base_config="tiny", device=args.device, jobs=args.jobs, echo=echo)
     ok = all(report.ok for report in reports.values())
+    for label, group in GROUPS.items():   # the starting weights themselves: the table's zero-shot rows
+        try:
+            cfg = zero_shot_config(group, miniature, root, args.overrides, args.device)
+            write_zero_shot(results / group, zero_shot_metrics(cfg, data), cfg)
+        except Exception as err:  # noqa: BLE001 - reported; the trained runs are still compared
+            ok = False
+            echo(f"zero-shot evaluation ({label}) failed: {type(err).__name__}: {err}")
     summary = _compare(results, echo)
     ok &= summary is not None
     figures = results / "figures"
@@ -167,10 +217,10 @@ def _compare(results: Path, echo) -> Path | None:
     """compare.ipynb over both groups: summary.md, summary.csv and the figures in ``results``."""
     out_nb = results / "runs" / "compare.ipynb"
     echo(f"compare: {COMPARE_NOTEBOOK} -> {out_nb}")
-    groups = {label: str(results / group) for label, group in GROUPS.items()}
+    write_groups(results, GROUPS)   # compare.ipynb's default groups="auto" reads it: the folder compares as it is
     try:
         execute_notebook(COMPARE_NOTEBOOK, out_nb, {"results_root": str(results), "out_dir": str(results),
-                                                    "groups": groups})
+                                                    "groups": "auto"})
     except Exception as err:  # noqa: BLE001 - reported; the runs are still there
         echo(f"compare.ipynb failed: {error_message(err)}")
         return None

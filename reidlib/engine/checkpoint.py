@@ -33,7 +33,7 @@ from ..config import config_diff, with_defaults
 # Config keys that may change between a run and its resume without changing what is trained:
 # where things live, how often to log/save/evaluate, and the test-time settings.
 RESUME_IGNORE = (
-    "resume", "output_dir", "device", "compile", "base", "stage1_weights", "plugins",
+    "resume", "output_dir", "device", "compile", "base", "stage1_weights", "plugins", "tensorboard",
     "data.root", "data.num_workers",
     "stage1.log_period", "stage1.checkpoint_period",
     "stage2.log_period", "stage2.checkpoint_period", "stage2.eval_period",

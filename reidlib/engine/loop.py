@@ -3,7 +3,8 @@
 For each stage of the method: leave it out when a resumed run is past it, or when it stands aside
 (:meth:`~reidlib.methods.Stage.skip`); otherwise set its trainable parameters, build its optimizer
 (restoring the optimizer's state when the run resumes inside this stage), prepare it, and train
-the epochs left. After every epoch: one record in ``metrics.jsonl`` and one log line, an
+the epochs left. After every epoch: one record in ``metrics.jsonl`` (and TensorBoard, through the
+runtime's sinks: :mod:`.tensorboard_log`) and one log line, an
 evaluation every ``eval_period`` epochs (logged, never used to pick a model), and a resumable
 checkpoint every ``checkpoint_period`` epochs and at the stage's end, written only with finite
 weights and named after the stage and epoch.
@@ -52,7 +53,9 @@ def run_stage(stage: Stage, ctx: StageContext, resume: dict | None, save) -> lis
     stage.prepare(ctx, optimizer)
     for epoch in range(start, epochs):
         record = stage.train_epoch(ctx, optimizer, epoch)
-        runtime.log_metrics(record)
+        # the LR of every parameter group (the record's "lr" is the first's): the schedule after the epoch
+        record.setdefault("lr_groups", [group["lr"] for group in optimizer.param_groups])
+        runtime.log_metrics(record)     # metrics.jsonl, and the runtime's sinks (TensorBoard)
         if runtime.is_main:
             log.info(_epoch_line(record, epochs))
         done = epoch + 1
@@ -61,6 +64,9 @@ def run_stage(stage: Stage, ctx: StageContext, resume: dict | None, save) -> lis
             with tf32_mode(cfg.test.tf32):
                 metrics = evaluate_model(model, ctx.dataset, cfg, runtime, progress=False)
             runtime.log_metrics({"stage": stage.number, "epoch": done, "eval": metrics})
+            if runtime.is_main:
+                log.info("stage %d epoch %d/%d test: R1 %.2f  mAP %.2f", stage.number, done, epochs,
+                         100 * metrics["rank1"], 100 * metrics["mAP"])
         if _due(done, epochs, stage.checkpoint_period(cfg)):
             save(optimizer, stage.number, done)
     return stage.unreadable_indices

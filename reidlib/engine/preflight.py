@@ -6,10 +6,11 @@ P = ims_per_batch / num_instance, and P splits over the processes), SIE's camera
 exist, and at least one query can be scored (under the data set's protocol, as
 :mod:`reidlib.eval.protocol` states it). The output folder is checked where
 it is made (:func:`reidlib.runtime.setup_runtime`), the config values when the config is loaded.
+:func:`reidlib.train` runs these checks before it writes anything, the run folder included.
 
 Example::
 
-    check_before_training(cfg, dataset, runtime)      # raises ValueError, or returns the valid queries
+    check_before_training(cfg, dataset, world_size=1)  # raises ValueError, or returns the valid queries
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def check_side_information(cfg, dataset) -> None:
                              "(VeRi: keypoint_train.txt / keypoint_test.txt) or set model.sie_view=false")
 
 
-def check_before_training(cfg, dataset, runtime) -> int:
-    """All the checks above; returns the number of queries the final evaluation will score."""
-    check_sampler(cfg, dataset.num_train_pids, runtime.world_size)
+def check_before_training(cfg, dataset, world_size: int = 1) -> int:
+    """All the checks above for a run of ``world_size`` processes; returns the number of queries the
+    final evaluation will score."""
+    check_sampler(cfg, dataset.num_train_pids, world_size)
     check_side_information(cfg, dataset)
     return check_valid_queries(dataset)

@@ -1,9 +1,15 @@
 """The run users start: ``reidlib.train(cfg)`` (any registered method) and ``reidlib.test(cfg)``.
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per
-epoch and evaluation), resumable checkpoints, ``model/`` (the trained model: ``model.safetensors``
-and its card ``config.json``) and ``metrics.json`` (the final
+epoch and evaluation), ``tensorboard/`` (the same records as TensorBoard event files, unless
+``tensorboard=false``: :mod:`.tensorboard_log`), resumable checkpoints, ``model/`` (the trained
+model: ``model.safetensors`` and its card ``config.json``) and ``metrics.json`` (the final
 model's test metrics: the model is never selected on the test set).
+
+From Python, as on the command line, a run logs its progress (the data set, a line per epoch, the
+final metrics) unless logging is configured already: :func:`reidlib.runtime.default_logging`.
+Nothing is written before the inputs are checked (the config, the method's settings, the data set
+and what training needs of it).
 
 Example::
 
@@ -14,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from pathlib import Path
@@ -22,13 +29,21 @@ import torch
 import yaml
 
 from ..config import Config, to_dict, validate
-from ..data import dataset_from_config, make_image_cache
+from ..data import dataset_from_config, make_image_cache, usable_workers
 from ..eval.inference import check_valid_queries, evaluate_model
 from ..methods import StageContext, method_for, run_label
 from ..methods import build as build_method_model
 from ..methods.trained import load_trained_model
 from ..optim import check_finite_weights
-from ..runtime import Runtime, gather_tensor, seed_everything, setup_runtime, tf32_mode, to_cpu
+from ..runtime import (
+    Runtime,
+    default_logging,
+    gather_tensor,
+    seed_everything,
+    setup_runtime,
+    tf32_mode,
+    to_cpu,
+)
 from ..storage import (
     load_checkpoint,
     lock_folder,
@@ -51,6 +66,8 @@ from .checkpoint import (
 )
 from .loop import run_stages
 from .preflight import check_before_training
+from .tensorboard_log import FOLDER as TENSORBOARD_FOLDER
+from .tensorboard_log import TensorBoardLog, stage_offsets
 
 log = logging.getLogger("reidlib")
 
@@ -118,17 +135,35 @@ def train(cfg: Config, dataset=None) -> dict:
     """Train ``cfg.method``'s stages (resuming from the run folder when asked) and evaluate the
     final model on query/gallery. Returns the metrics dict also written to ``metrics.json``.
 
-    Before any training: the output folder must be writable, stage 2's P x K batches possible and
-    at least one query scorable (:mod:`~reidlib.engine.preflight`). A non-finite loss stops the
-    run; the model folder is written before the final evaluation and again with its metrics.
-    The run holds a lock on its folder: a second process training there fails at once."""
+    Before anything is written (the run folder included): the config valid, the method's settings
+    and the data set readable, stage 2's P x K batches possible and at least one query scorable
+    (:mod:`~reidlib.engine.preflight`); then the output folder must be writable. A non-finite loss
+    stops the run; the model folder is written before the final evaluation and again with its
+    metrics. The run holds a lock on its folder: a second process training there fails at once.
+    Logs its progress to stdout unless logging is configured (:func:`~reidlib.runtime.default_logging`)."""
+    default_logging()
     validate(cfg)         # a config changed in Python never went through load_config's checks
     _check_input_files(cfg)
     method = method_for(cfg)
-    method.check(cfg)     # before anything is written: a setting the method cannot train with
+    method.check(cfg)     # a setting the method cannot train with
+    main = os.environ.get("RANK", "0") == "0"
+    cfg = _with_usable_workers(cfg, quiet=not main)
+    dataset = dataset or dataset_from_config(cfg)           # a missing data set fails here
+    check_before_training(cfg, dataset, int(os.environ.get("WORLD_SIZE", "1")))
     # rank 0 only under torchrun: the ranks of one run share its folder
-    with lock_folder(cfg.output_dir) if os.environ.get("RANK", "0") == "0" else _no_lock():
+    with lock_folder(cfg.output_dir) if main else _no_lock():
         return _train(cfg, method, dataset)
+
+
+def _with_usable_workers(cfg: Config, quiet: bool = False) -> Config:
+    """``cfg``, or a copy whose ``data.num_workers`` is at most the CPU cores this process may use
+    (the caller's config is left as it is)."""
+    workers = usable_workers(cfg.data.num_workers, quiet=quiet)
+    if workers == cfg.data.num_workers:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.data.num_workers = workers
+    return cfg
 
 
 @contextlib.contextmanager
@@ -149,19 +184,31 @@ def _check_input_files(cfg: Config) -> None:
 
 def _train(cfg: Config, method, dataset) -> dict:
     runtime = setup_runtime(cfg)
+    try:
+        return _train_in(cfg, method, dataset, runtime)
+    finally:
+        runtime.close_sinks()     # the event files complete, also when the run fails
+
+
+def _train_in(cfg: Config, method, dataset, runtime: Runtime) -> dict:
     if runtime.is_main:
         stale = remove_stale_temp_files(runtime.output_dir)
         if stale:
             log.info("removed %d temp file(s) an interrupted save left in %s", len(stale), runtime.output_dir)
         (runtime.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    dataset = dataset or dataset_from_config(cfg)
-    if runtime.is_main:
         log.info("data set %s\n%s", cfg.data.dataset, dataset.stats_table())
-    check_before_training(cfg, dataset, runtime)
     seed_everything(cfg.seed)  # before the build: random-init weights depend on it
     model = build_method_model(cfg, num_classes=dataset.num_train_pids, num_cameras=dataset.num_train_cams,
                                num_views=dataset.num_views).to(runtime.device)
     resume = _resume_state(cfg, runtime, dataset)
+    stages = method.stages(cfg)
+    if cfg.tensorboard and runtime.is_main:
+        offsets = stage_offsets(stages, cfg)
+        done = offsets.get(resume["stage"], 0) + resume["epoch"] if resume is not None else 0
+        try:
+            runtime.sinks.append(TensorBoardLog(runtime.output_dir / TENSORBOARD_FOLDER, offsets, resume_step=done))
+        except ImportError as err:     # a core dependency, but an environment may lack it
+            log.warning("no TensorBoard event files (%s): pip install tensorboard, or set tensorboard=false", err)
     if resume is not None:
         model.load_state_dict(resume["model"])
         restore_rng_state(resume["rng"])
@@ -175,7 +222,7 @@ def _train(cfg: Config, method, dataset) -> dict:
         _save_epoch(runtime, cfg, model, optimizer, stage, epoch, dataset)
 
     with tf32_mode(cfg.tf32):     # for training only: evaluation runs under test.tf32
-        unreadable += run_stages(method.stages(cfg), ctx, resume, save)
+        unreadable += run_stages(stages, ctx, resume, save)
     del image_cache, ctx
     num_unreadable = _count_over_ranks(unreadable, runtime)
     check_finite_weights(model.state_dict(), "the final model")  # every rank, as at each epoch
@@ -201,16 +248,19 @@ def _train(cfg: Config, method, dataset) -> dict:
 
 
 def test(cfg: Config, weights: str | None = None, dataset=None) -> dict:
-    """Evaluate a trained model (``weights`` or ``cfg.test.weights``) on the configured data set."""
+    """Evaluate a trained model (``weights`` or ``cfg.test.weights``) on the configured data set;
+    writes ``test_metrics.json`` to ``cfg.output_dir`` (only once the data set is read)."""
+    default_logging()
     validate(cfg)
     weights = weights or cfg.test.weights
     if not weights:
         raise ValueError("no weights given: pass weights=PATH (a run's model folder, a checkpoint or a "
                          "reference state dict)")
     require_file(weights)
-    runtime = setup_runtime(cfg)
+    cfg = _with_usable_workers(cfg, quiet=os.environ.get("RANK", "0") != "0")
     dataset = dataset or dataset_from_config(cfg)
     check_valid_queries(dataset)  # before the model is loaded and any image encoded
+    runtime = setup_runtime(cfg)
     model, _ = load_trained_model(weights, cfg, device=runtime.device)
     with tf32_mode(cfg.test.tf32):
         metrics = evaluate_model(model, dataset, cfg, runtime)

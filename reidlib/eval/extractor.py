@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ class FeatureExtractor:
         feats = extractor(["a.jpg", "b.jpg"], cameras=[0, 3])       # torch.float32 [2, D], input order
         feats = extractor(crops, bgr=True)                          # OpenCV H×W×3 uint8 crops
         feats = extractor(batch)                                    # [N, 3, H, W], already normalised
+        extractor = FeatureExtractor.from_pretrained("someone/reid-vit-market")   # a model hub id
 
     ``config`` (a :class:`reidlib.Config`) supplies the test transform and, for a reference state
     dict, what the file cannot tell; by default a reidlib checkpoint's own config is used.
@@ -87,6 +89,28 @@ class FeatureExtractor:
         self._setup(model, cfg, Runtime(device=torch_device, amp_dtype=None, output_dir=None),
                     _amp_dtype(precision, torch_device), batch_size, (default_camera, default_view), flip,
                     num_workers)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, revision: str | None = None, device: str = "auto", *,
+                        token: str | None = None, **kwargs) -> "FeatureExtractor":
+        """An extractor for a shared model: a local model folder (a run folder, or a legacy
+        ``model_final.pt`` / reference file) loads directly; anything else is a model hub id
+        (``USER/NAME``), whose ``model.safetensors``, ``config.json`` and ``README.md`` are fetched
+        with ``huggingface_hub.snapshot_download`` (at ``revision``; cached, so offline use works
+        once downloaded). ``kwargs`` are the constructor's (precision, batch_size, default_camera...).
+
+        Example::
+
+            extractor = FeatureExtractor.from_pretrained("someone/reid-vit-market", device="cuda")
+            extractor = FeatureExtractor.from_pretrained("runs/market/model")     # a local folder
+        """
+        local = Path(path_or_repo_id)
+        if local.exists() or not _looks_like_repo_id(str(path_or_repo_id)):
+            from ..weights import final_model, has_final_model
+            if local.is_dir() and not (local / "config.json").is_file() and has_final_model(local):
+                local = final_model(local)     # a run folder: its trained model
+            return cls(local, device=device, **kwargs)
+        return cls(_download(str(path_or_repo_id), revision, token), device=device, **kwargs)
 
     @classmethod
     def from_model(cls, model, cfg, runtime: Runtime | None = None, precision: str | None = None,
@@ -258,6 +282,42 @@ class FeatureExtractor:
         cam_t = gather_tensor(torch.cat(camids) if camids else torch.zeros(0, dtype=torch.long), runtime)
         ok_t = gather_tensor(torch.cat(oks) if oks else torch.zeros(0, dtype=torch.uint8), runtime)
         return out, pid_t.cpu(), cam_t.cpu(), ok_t.cpu().bool()
+
+
+HUB_FILES = ["model.safetensors", "config.json", "README.md"]   # a shared model folder, nothing else
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """``USER/NAME`` (one slash, hub characters, no file suffix of a weights file): a model hub id.
+
+    >>> _looks_like_repo_id("someone/reid-vit"), _looks_like_repo_id("runs/x/model"), _looks_like_repo_id("a/m.pt")
+    (True, False, False)
+    """
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.endswith((".pt", ".pth", ".json",
+                                                                                         ".safetensors"))
+
+
+def _download(repo_id: str, revision: str | None, token: str | None) -> Path:
+    """A hub model's folder in the local cache (downloaded when missing); one-line errors."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    at = f" at revision {revision}" if revision else ""
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES,
+                                        library_name="reidlib"))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{repo_id}: no such local path, and the model hub cannot be reached (offline) "
+                                f"and has no cached copy{at}; download it once online (huggingface-cli download "
+                                f"{repo_id}) or pass a local model folder") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{repo_id}: the model hub has no revision {revision}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{repo_id}: no such local path, and no such model on the hub (or it is private: "
+                                "log in with `huggingface-cli login` or pass token=...)") from None
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{repo_id}{at} holds no reidlib model (model.safetensors + config.json); "
+                         "was it pushed with reidlib.push_to_hub?")
+    return folder
 
 
 def _as_ids(ids, what: str) -> torch.Tensor:

@@ -441,7 +441,8 @@ def run_sweep(datasets, methods, seeds, data_roots=None, results_root: str | Pat
         trains = force or run not in finished or run in differing
         params = {"dataset": run.dataset, "data_root": _root_for(data_roots, run.dataset),
                   "method": run.method, "seed": run.seed, "overrides": list(overrides or []),
-                  "base_config": base_config, "output_dir": str(folders[run]), "device": device,
+                  "base_config": base_config, "start_weights": None,   # the config's weights + --set's
+                  "output_dir": str(folders[run]), "device": device,
                   "test_on": test_on[run], "nproc_per_run": gpus_per_run}
         out_nb = root / "runs" / f"{run.name}{'' if trains else '_cross'}.ipynb"
         _write_json(folders[run] / QUEUED_FILE, {**owner_record(), "launcher": launcher})  # for --status

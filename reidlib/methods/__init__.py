@@ -5,8 +5,9 @@ CLIP backbone + BNNeck by default) and its :class:`Stage` list; ``@register_meth
 value of the ``method`` config key, a sweep name, and a row of the comparison table. The engine
 runs its stages with resume, checkpoints, DDP, the non-finite watch and logging.
 
-Built in: ``clipreid`` (:mod:`.clipreid`, the baseline) and ``thesis`` (:mod:`.thesis`: deep prompts
-and LoRA). ``python -m reidlib methods`` lists what is registered.
+Built in: ``clipreid`` (:mod:`.clipreid`, the baseline), ``thesis`` (:mod:`.thesis`: deep prompts
+and LoRA), ``pcl`` (:mod:`.pcl`, PCL-CLIP) and ``promptsg`` (:mod:`.promptsg`, PromptSG).
+``python -m reidlib methods`` lists what is registered.
 
 Example::
 
@@ -16,6 +17,7 @@ Example::
 """
 # the built-in methods register themselves on import
 from . import clipreid, thesis  # noqa: E402,F401,I001
+from . import pcl, promptsg  # noqa: E402,F401,I001
 from .base import ImageBatchStage, Method, Stage, StageContext, image_step, optimizer_step, wrap_for_training
 from .registry import (
     find_variant,

@@ -20,7 +20,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ..config import BASE_OWNED_KEYS, Config, load_config, read_config_keys
+from ..config import BASE_OWNED_KEYS, CONFIG_DIR, Config, load_config, read_config_keys
 
 _METHODS: dict = {}
 
@@ -108,7 +108,9 @@ def method_config(name: str, overrides: list[str] | None = None, base: str | Non
 
     ``base`` replaces the variant's YAML (``tiny`` for tests and the demo) while keeping the
     method's model and ``options`` settings, applied on top of it; the architecture, weights and
-    LoRA learning rate stay the base's.
+    LoRA learning rate stay the base's. Where ``<base>_<method>.yaml`` is shipped (``tiny_pcl``),
+    it is used instead, as it is: a method whose full-scale settings do not carry over to the
+    small model states its small-scale ones there.
     """
     plugins = [o.split("=", 1)[1] for o in overrides or [] if o.split("=", 1)[0].strip() == "plugins"]
     if plugins:     # a method of the user's own must be registered before its name is looked up
@@ -117,6 +119,10 @@ def method_config(name: str, overrides: list[str] | None = None, base: str | Non
     chosen = [f"method={method.name}"] + extra + list(overrides or [])
     if base is None:
         return load_config(config, chosen)
+    if (CONFIG_DIR / f"{base}_{method.name}.yaml").is_file():
+        # the base's own version for this method (tiny_pcl.yaml: the tiny model with PCL-CLIP's
+        # settings sized for it), which holds the method's keys itself
+        return load_config(f"{base}_{method.name}", chosen)
     own = read_config_keys(config) if config else {}
     method_keys = [f"{k}={v}" for k, v in own.items()
                    if k.startswith(("model.", "options")) and k not in BASE_OWNED_KEYS]

@@ -78,6 +78,8 @@ def parameter_group(name: str) -> str:
     if name.startswith("sie_embed"):
         return "sie"
     part = name.split(".")
+    if part[0] not in ("visual", "text"):   # a method's own modules (PromptSG's inversion network, say)
+        return f"method: {part[0]}"
     if ".ln_" in name:
         return "vision: layernorm"
     if ".attn." in name:
@@ -91,7 +93,7 @@ def parameter_group(name: str) -> str:
     return "vision: embeddings"
 
 
-_TABLE_ORDER = ["prompts", "text encoder", "vision", "lora", "sie", "bnneck", "classifiers"]
+_TABLE_ORDER = ["prompts", "text encoder", "vision", "lora", "method", "sie", "bnneck", "classifiers"]
 
 
 def parameter_table(model: nn.Module) -> str:

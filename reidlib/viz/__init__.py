@@ -2,16 +2,24 @@
 
     runs = collect_metrics("results")              # tables.py: metrics.json files -> DataFrame
     summary = summarize(runs)                       # mean ± std over seeds, paired test vs baseline
-    plot_bars(runs, "bars.png"); plot_cmc(runs, "cmc.png")            # plots.py
+    plot_bars(runs, "bars.png"); plot_cmc(runs, "cmc.png")            # plots.py (+ .pdf, 300 dpi)
+    training_curves("results/runs/tiny")            # a run's losses, LRs and evaluations (Figure)
     attention_maps(model, images)                   # attention.py: attention rollout of the ViT
     retrieval_grid("q.jpg", ranked_paths, flags, "grid.png")          # retrieval.py
     explore("runs/baseline/seed0", "runs/proposed/seed0")                # explorer.py: the interactive explorer
 """
 import logging
-import sys
-import warnings
 
-from .plots import plot_bars, plot_cmc, plot_gains, plot_training_curves, read_jsonl, training_frames
+from .figures import save_figure
+from .plots import (
+    plot_bars,
+    plot_cmc,
+    plot_gains,
+    plot_training_curves,
+    read_jsonl,
+    training_curves,
+    training_frames,
+)
 from .retrieval import rank_gallery, retrieval_figure, retrieval_grid, retrieval_rows
 from .tables import (
     METHOD_NAMES,
@@ -19,11 +27,13 @@ from .tables import (
     collect_cross,
     collect_groups,
     collect_metrics,
+    collect_runs,
     comparison_table,
     cross_headlines,
     cross_markdown,
     cross_matrix,
     cross_summary,
+    frontier_table,
     headline_table,
     methods_table,
     paired_test,
@@ -31,12 +41,15 @@ from .tables import (
     summary_markdown,
     to_markdown,
     write_cross_matrix,
+    write_groups,
     write_summary,
 )
 
-__all__ = ["collect_metrics", "collect_groups", "summarize", "paired_test", "comparison_table", "methods_table",
+__all__ = ["collect_metrics", "collect_groups", "collect_runs", "write_groups", "summarize", "paired_test",
+           "comparison_table", "methods_table", "frontier_table",
            "summary_markdown", "to_markdown", "write_summary", "plot_bars", "plot_cmc", "plot_gains",
-           "plot_training_curves", "read_jsonl", "training_frames", "rank_gallery",
+           "plot_training_curves", "training_curves", "save_figure", "read_jsonl", "training_frames",
+           "rank_gallery",
            "retrieval_grid", "retrieval_rows", "attention_maps", "attention_figure",
            "retrieval_figure", "headline_table", "show_progress",
            "METHOD_NAMES", "METRIC_NAMES", "collect_cross", "cross_headlines", "cross_summary",
@@ -62,15 +75,9 @@ def __getattr__(name):
 
 
 def show_progress(level: int = logging.INFO) -> None:
-    """Print reidlib's log lines (data set table, a line per epoch, final metrics) to stdout,
-    e.g. in a notebook cell's output. Calling it again adds nothing."""
-    logger = logging.getLogger("reidlib")
-    if not any(getattr(h, "reidlib_progress", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.reidlib_progress = True
-        logger.addHandler(handler)
-    logger.setLevel(level)
-    # Without ipywidgets, tqdm.auto falls back to text bars in a notebook, which read fine; its
-    # warning about the missing widgets is noise.
-    warnings.filterwarnings("ignore", message="IProgress not found")
+    """Print reidlib's log lines (data set table, a line per epoch, final metrics) to stdout at
+    ``level``, also where logging is configured otherwise. ``reidlib.train`` and ``reidlib.test`` do
+    this by themselves when nothing configured logging (:func:`reidlib.runtime.default_logging`);
+    calling it again adds nothing."""
+    from ..runtime import log_to_stdout
+    log_to_stdout(level)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from matplotlib.colors import Normalize
 
 from ..eval.modes import eval_mode
+from .figures import save_figure
 from .tables import method_label
 
 
@@ -182,7 +183,5 @@ def attention_figure(models: dict, items, out_png: str | Path | None = None, mod
     cax = fig.add_axes((0.9, 0.15, 0.025, 0.7))
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(0, 1), cmap="inferno"), cax=cax)
     bar.set_label(f"{what} (fraction of the image's maximum)", fontsize=8)
-    if out_png is not None:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    save_figure(fig, out_png)      # 300 dpi PNG and its PDF
     return fig

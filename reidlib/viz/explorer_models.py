@@ -441,17 +441,15 @@ class ExplorerSession:
     def save(self, stem: str | Path) -> list[Path]:
         """The current view as ``stem.png`` (300 dpi) and ``stem.pdf``; returns both paths."""
         import matplotlib.pyplot as plt
+
+        from .figures import save_figure
         stem = Path(stem)
         stem = stem.with_suffix("") if stem.suffix.lower() in (".png", ".pdf") else stem
-        stem.parent.mkdir(parents=True, exist_ok=True)
         fig = self.figure()
-        paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
         try:
-            fig.savefig(paths[0], dpi=300, bbox_inches="tight")
-            fig.savefig(paths[1], bbox_inches="tight")
+            return save_figure(fig, stem)
         finally:
             plt.close(fig)
-        return paths
 
 
 def _frame(ax, picture, colour: str, label: str, text: str | None = None) -> None:

@@ -27,10 +27,10 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from ..eval.protocol import excluded, exclusion_labels, ranked_gallery
+from .figures import save_figure
 
 CORRECT, WRONG, UNKNOWN, QUERY = "#1a9850", "#d73027", "#9e9e9e", "#2c7bb6"
 CELL = (1.25, 2.5)  # inches per image (width, height): person crops are 2:1
-DPI = 80            # 100 x 200 pixels per image: above the generated and Market-1501 crops (64 x 128)
 
 
 def rank_gallery(dist_row, q_pid: int, q_label: int, g_pids, g_labels, top: int = 10):
@@ -131,9 +131,7 @@ def retrieval_rows(rows: list[dict], out_png: str | Path | None = None, title: s
     has_captions = any(r.get("captions") or r.get("query_caption") for r in rows)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=(0.65 if has_captions else 0.4) / height,
                         top=1 - (0.75 if title else 0.3) / height)
-    if out_png is not None:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=DPI, bbox_inches="tight")
+    save_figure(fig, out_png)      # 300 dpi PNG and its PDF
     return fig
 
 

@@ -27,10 +27,17 @@ from ..storage import METRICS_KEYS, read_metrics
 METRIC_NAMES = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP",
                 "mINP": "mINP"}
 METHOD_NAMES = {"baseline": "CLIP-ReID (baseline)", "proposed": "Proposed (deep prompts + LoRA)",
-                "deep_only": "Deep prompts only", "lora_only": "LoRA only"}
+                "deep_only": "Deep prompts only", "lora_only": "LoRA only", "pcl": "PCL-CLIP",
+                "promptsg": "PromptSG", "zero_shot": "Zero-shot (no re-ID training)"}
 SHORT_NAMES = {"baseline": "Baseline", "proposed": "Proposed", "deep_only": "Deep only",
-               "lora_only": "LoRA only"}
-METHOD_ORDER = ["baseline", "proposed", "deep_only", "lora_only"]
+               "lora_only": "LoRA only", "pcl": "PCL-CLIP", "promptsg": "PromptSG", "zero_shot": "Zero-shot"}
+METHOD_ORDER = ["baseline", "proposed", "deep_only", "lora_only", "pcl", "promptsg", "zero_shot"]
+# "Methods" that are reference points, not trained: the starting weights evaluated as they are
+# (the demo's miniature before any re-ID training, reidlib.demo.run). Their rows stand in the table
+# of all runs, the bars and the CMC curves, never in a paired comparison or the gains figure.
+NOT_COMPARED = ("zero_shot",)
+# The thesis's table compares these with the baseline; every other method goes in the methods table.
+THESIS_METHODS = ("baseline", "proposed", "deep_only", "lora_only")
 DATASET_ORDER = ["market1501", "dukemtmc", "msmt17", "occ_duke", "iust"]  # the thesis table's first
 TESTED = ("rank1", "mAP")     # the metrics the thesis table compares
 ALPHA = 0.05                  # significance level of the '*' mark
@@ -110,7 +117,8 @@ def _refuse_repeated_runs(runs: pd.DataFrame, root: Path) -> None:
                          & (repeated["seed"] == first["seed"])]["path"].tolist()
         raise ValueError(f"{root} holds {len(paths)} runs of {first['dataset']} {first['method']} seed "
                          f"{first['seed']} ({', '.join(paths)}); point it at one sweep's folder, or keep "
-                         "the groups apart with collect_groups({label: folder}) (compare.ipynb: groups=)")
+                         "the groups apart with collect_groups({label: folder}) (compare.ipynb: groups=), or "
+                         f"name them in {root / GROUPS_FILE}")
 
 
 def collect_groups(groups: dict) -> pd.DataFrame:
@@ -136,6 +144,45 @@ def collect_groups(groups: dict) -> pd.DataFrame:
     if len(runs):
         runs = runs.sort_values(["dataset", "method", "seed"], key=_sort_key).reset_index(drop=True)
     return runs
+
+
+# A results folder may name groups of runs kept apart in its tables: {label: subfolder} (the demo's
+# "pretrained miniature" and "random init" runs share data set, methods and seeds).
+GROUPS_FILE = "groups.json"
+
+
+def write_groups(root: str | Path, groups: dict[str, str]) -> Path:
+    """Record ``{label: subfolder}`` in ``root/groups.json``, for :func:`collect_runs`."""
+    import json
+    path = Path(root) / GROUPS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(groups, indent=1) + "\n")
+    return path
+
+
+def collect_runs(root: str | Path, groups: dict | str | None = "auto") -> pd.DataFrame:
+    """The runs a comparison reads: ``groups`` {label: folder} through :func:`collect_groups`;
+    ``"auto"``: the groups ``root/groups.json`` names (folders relative to ``root``) when it is
+    there, else every run under ``root``; None: every run under ``root`` (:func:`collect_metrics`).
+
+    Example::
+
+        runs = collect_runs("results/demo")      # the demo's two groups, from its groups.json
+    """
+    if isinstance(groups, dict):
+        return collect_groups(groups)
+    if groups not in ("auto", None):
+        raise ValueError(f"groups={groups!r}: give {{label: folder}}, 'auto' or None")
+    listed = Path(root) / GROUPS_FILE
+    if groups == "auto" and listed.is_file():
+        import json
+        try:
+            named = json.loads(listed.read_text())
+        except ValueError as err:
+            raise ValueError(f"{listed} is not valid JSON ({err}); it should map labels to subfolders, "
+                             "or delete it to compare every run under the folder") from None
+        return collect_groups({label: Path(root) / folder for label, folder in named.items()})
+    return collect_metrics(root)
 
 
 def _sort_key(col: pd.Series) -> pd.Series:
@@ -198,7 +245,7 @@ def summarize(runs: pd.DataFrame, reference: str = "baseline",
             row[f"{m}_mean"] = values.mean()
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
         ref = runs[(runs["dataset"] == dataset) & (runs["method"] == reference)]
-        compare = method != reference and len(ref) > 0
+        compare = method != reference and method not in NOT_COMPARED and len(ref) > 0
         paired = {}
         for m in tested:
             if compare and m in metrics:
@@ -300,11 +347,31 @@ def methods_table(summary: pd.DataFrame, metrics: tuple[str, ...] = ("rank1", "r
     """Every (dataset, method) with its seeds and mean ± std of each metric (%)."""
     rows = []
     for _, r in summary.iterrows():
-        row = {"Dataset": r["dataset"], "Method": method_label(r["method"]), "Seeds": r["seeds"]}
+        seeds = "–" if r["method"] in NOT_COMPARED else r["seeds"]    # not trained: no seed
+        row = {"Dataset": r["dataset"], "Method": method_label(r["method"]), "Seeds": seeds}
         for m in metrics:
             if f"{m}_mean" in r:
                 row[f"{METRIC_NAMES[m]} (%)"] = mean_std(r[f"{m}_mean"], r[f"{m}_std"])
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def frontier_table(summary: pd.DataFrame, reference: str = "baseline",
+                   tested: tuple[str, ...] = TESTED) -> pd.DataFrame:
+    """Every method of each data set against ``reference`` (CLIP-ReID): seeds, Rank-1 and mAP
+    (mean ± std, %) and the gains with their paired test across seeds; the reference's own row first,
+    without gains. The thesis table (:func:`comparison_table`) is the two-method view of the same."""
+    rows = []
+    for dataset, group in summary.groupby("dataset", sort=False):   # summary rows are in table order
+        if reference not in set(group["method"]):
+            continue
+        for _, r in group[~group["method"].isin(NOT_COMPARED)].iterrows():
+            row = {"Dataset": dataset, "Method": method_label(r["method"]), "Seeds": r["n_seeds"]}
+            for m in tested:
+                row[f"{METRIC_NAMES[m]} (%)"] = mean_std(r[f"{m}_mean"], r[f"{m}_std"])
+            for m in tested:
+                row[f"Δ {METRIC_NAMES[m]} (pp)"] = "" if r["method"] == reference else format_gain(r, m)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -324,9 +391,13 @@ def summary_markdown(summary: pd.DataFrame, reference: str = "baseline",
     """The whole summary: one comparison table per method against the reference, the table of
     all methods, and the notes that say how the numbers were made."""
     parts = [f"# {title}", ""]
-    others = [m for m in sorted(summary["method"].unique(), key=_method_sort_key) if m != reference] \
-        if len(summary) else []
-    for method in others:
+    methods = sorted(summary["method"].unique(), key=_method_sort_key) if len(summary) else []
+    methods = [m for m in methods if m not in NOT_COMPARED]    # reference points: in "All runs" only
+    # the thesis-style table for the thesis's variants (or for a single method against the reference);
+    # with methods beyond the thesis, one methods table of them all against the reference as well
+    beyond = [m for m in methods if m not in THESIS_METHODS]
+    pairwise = [m for m in methods if m != reference and (m in THESIS_METHODS or len(methods) == 2)]
+    for method in pairwise:
         table = comparison_table(summary, method, reference)
         if table.empty:
             continue
@@ -335,6 +406,11 @@ def summary_markdown(summary: pd.DataFrame, reference: str = "baseline",
                   f"{SHORT_NAMES.get(method, method)} runs. Δ: gain in percentage points "
                   "± std of the per-seed gains (p: paired t-test across seeds).", "",
                   to_markdown(table), ""]
+    frontier = frontier_table(summary, reference) if beyond and len(methods) > 2 else pd.DataFrame()
+    if not frontier.empty:
+        parts += [f"## Every method vs {method_label(reference)}", "",
+                  "Δ: gain over the reference in percentage points ± std of the per-seed gains (p: paired "
+                  "t-test across seeds).", "", to_markdown(frontier), ""]
     parts += ["## All runs", "", to_markdown(methods_table(summary)), "", "## Notes", "", TEST_NOTE, ""]
     notes = protocol_notes(summary)
     if notes:
