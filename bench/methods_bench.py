@@ -141,12 +141,12 @@ def main(argv=None) -> int:
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "")
           + f", torch {torch.__version__}, {len(dataset.train)} training images")
     keys = ["img_s", "epoch_setup_s", "inference_img_s", "peak_gpu_gb"]
-    print(f"{'method':10s} {'stage':18s} " + " ".join(f"{k:>16s}" for k in keys))
+    print(f"{'method':10s} {'stage':34s} " + " ".join(f"{k:>16s}" for k in keys))
     for row in rows:
         cells = [f"{row[k]:16.1f}" if k in row else f"{'-':>16s}" for k in keys]
         if "img_s" not in row:
             cells[0] = f"{'(train_bench)':>16s}"
-        print(f"{row['method']:10s} {row['stage'][:18]:18s} " + " ".join(cells))
+        print(f"{row['method']:10s} {row['stage'][:34]:34s} " + " ".join(cells))
     return 0
 
 

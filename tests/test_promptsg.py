@@ -3,6 +3,10 @@ hand, gradients through the frozen text tower, the trainable set and its size, t
 simplified prompt, learning, bit-identical resume, the extractor and ONNX, vehicle data."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import open_clip
@@ -281,3 +285,20 @@ def test_tiny_config_differs_from_the_full_scale_one_in_the_temperature_alone():
     full, small = method_config("promptsg").options, method_config("promptsg", base="tiny").options
     assert {k: v for k, v in small.items() if full.get(k) != v} == {"temperature": 0.5}
     assert set(small) == set(full)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_promptsg(synth_root, tmp_path):
+    """Under torchrun (2 CPU processes, gloo) PromptSG's one stage trains through DDP: the frozen text
+    tower inside the model must not break DDP's gradient bookkeeping, and rank 0 writes the run."""
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "reidlib", "train", "tiny_promptsg", f"data.root={synth_root}", f"output_dir={out}",
+         "device=cpu", "stage2.epochs=1", "stage2.ims_per_batch=16"],
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records if "loss" in r] == [1] and records[0]["steps"] > 0
+    assert json.loads((out / "metrics.json").read_text())["method"] == "promptsg"

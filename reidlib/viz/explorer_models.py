@@ -218,8 +218,11 @@ class ExploreModel:
     def text_support(self) -> tuple[bool, str]:
         """Whether captions can rank the gallery with this model, and a line saying how well."""
         model = self.model
-        if getattr(model, "text", None) is None or not hasattr(model, "image_proj_features"):
+        if getattr(model, "text", None) is None:
             return False, f"{self.label}: no text tower, so no caption search"
+        if not hasattr(model, "image_proj_features"):
+            return False, (f"{self.label}: its method gives no image feature in the text space (f_proj) to "
+                           "compare captions with, so no caption search")
         if str(self.cfg.model.pretrained).lower() in ("none", ""):
             return True, (f"{self.label}: the text tower has random weights (trained from model.pretrained=none; "
                           "re-ID training never trains it), so captions rank the gallery at random")
