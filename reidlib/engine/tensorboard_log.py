@@ -9,7 +9,8 @@ returns is in TensorBoard too. Tags, from the records:
 - an epoch of stage N: ``stageN/loss``; the loss's parts, every other number of the record, as
   ``stageN/<part>_loss`` (CLIP-ReID's stage 2: ``stage2/id_loss``, ``stage2/tri_loss``,
   ``stage2/i2t_loss``; a part already named ``..._loss`` keeps its name); throughput
-  ``stageN/img_per_s`` (or any ``..._per_s``: stage 1's ``stage1/prompts_per_s``); the LR of each of
+  ``stageN/img_per_s`` (or any ``..._per_s``: stage 1's ``stage1/prompts_per_s``) and durations in
+  seconds (``..._s``: PCL-CLIP's ``stage1/memory_s``) as they are named; the LR of each of
   the optimizer's parameter groups, ``stageN/lr/group0``, ``stageN/lr/group1``, ...;
 - an evaluation during training: ``eval/mAP``, ``eval/rank1``, ``eval/rank5``, ``eval/rank10``,
   ``eval/mINP`` (and ``eval/rerank_*`` with re-ranking); the final model's evaluation is the last
@@ -41,16 +42,18 @@ def epoch_scalars(record: dict) -> dict[str, float]:
     """tag -> value of one epoch record of stage N (see the module's docstring).
 
     >>> epoch_scalars({"stage": 2, "epoch": 1, "loss": 3.0, "id": 2.0, "lr": 1e-3, "lr_groups": [1e-3, 2e-3],
-    ...                "img_per_s": 40.0, "steps": 5, "time": 9.1})
-    {'stage2/loss': 3.0, 'stage2/id_loss': 2.0, 'stage2/img_per_s': 40.0, 'stage2/lr/group0': 0.001, \
-'stage2/lr/group1': 0.002}
+    ...                "img_per_s": 40.0, "memory_s": 0.5, "steps": 5, "time": 9.1})
+    {'stage2/loss': 3.0, 'stage2/id_loss': 2.0, 'stage2/img_per_s': 40.0, 'stage2/memory_s': 0.5, \
+'stage2/lr/group0': 0.001, 'stage2/lr/group1': 0.002}
     """
     stage = f"stage{record['stage']}"
     out = {}
     for key, value in record.items():
         if key in SKIPPED or not _number(value):
             continue
-        name = key if key == "loss" or key.endswith(("loss", "_per_s")) else f"{key}_loss"
+        # a loss part keeps or gets "_loss"; a rate ("_per_s") and a duration in seconds ("_s", such as
+        # PCL-CLIP's memory_s) keep their names
+        name = key if key.endswith(("loss", "_per_s", "_s")) else f"{key}_loss"
         out[f"{stage}/{name}"] = float(value)
     groups = record.get("lr_groups")
     if isinstance(groups, (list, tuple)) and groups:
