@@ -13,7 +13,6 @@ timed here (``bench/train_bench.py`` times them). Random weights, bf16 autocast 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -25,23 +24,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_bench import MARKET, sync, timed  # noqa: E402
+from train_bench import (  # noqa: E402
+    bench_dataset,
+    bench_inference,
+    bench_parser,
+    make_config,
+    parse_bench_args,
+    sync,
+    timed,
+)
 
-import reidlib  # noqa: E402
-from reidlib.data import load_dataset, make_image_cache  # noqa: E402
-from reidlib.demo.synth import generate_market  # noqa: E402
+from reidlib.data import make_image_cache  # noqa: E402
 from reidlib.methods import ImageBatchStage, StageContext, get_method, image_step, load_plugins  # noqa: E402
 from reidlib.runtime import setup_runtime, tf32_mode  # noqa: E402
-
-
-def make_config(method: str, args, data_root: Path):
-    overrides = [f"data.root={data_root}", f"output_dir={data_root / 'runs'}", "model.pretrained=none",
-                 f"device={args.device}", f"compile={args.compile}", f"data.num_workers={args.workers}"]
-    if args.plugins:
-        overrides.append(f"plugins=[{','.join(args.plugins)}]")
-    if args.tiny:
-        overrides += ["stage2.ims_per_batch=16", "stage2.num_instance=4"]
-    return reidlib.method_config(method, overrides, base="tiny" if args.tiny else None)
 
 
 def bench_image_stage(stage: ImageBatchStage, ctx: StageContext, args) -> dict:
@@ -72,20 +67,9 @@ def bench_image_stage(stage: ImageBatchStage, ctx: StageContext, args) -> dict:
     return {"img_s": ctx.cfg.stage2.ims_per_batch / seconds, "epoch_setup_s": setup_s}
 
 
-@torch.no_grad()
-def bench_inference(model, cfg, runtime, args) -> float:
-    model.eval()
-    batch = torch.randn(args.infer_batch, 3, *cfg.model.image_size, device=runtime.device)
-
-    def step():
-        with runtime.autocast():
-            model.encode_image(batch)
-
-    return args.infer_batch / timed(step, runtime.device, args.warmup, args.steps)
-
-
 def run(name: str, args, data_root: Path, dataset) -> list[dict]:
-    cfg = make_config(name, args, data_root)
+    plugins = (f"plugins=[{','.join(args.plugins)}]",) if args.plugins else ()
+    cfg = make_config(name, args, data_root, plugins)
     runtime = setup_runtime(cfg)
     method = get_method(cfg.method)
     if runtime.device.type == "cuda":
@@ -111,31 +95,13 @@ def run(name: str, args, data_root: Path, dataset) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny model and data set (CPU smoke test)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--infer-batch", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--data", default=None, help="reuse a generated set (else a temporary one)")
-    parser.add_argument("--methods", nargs="+", default=["baseline", "proposed", "pcl", "promptsg"])
+    parser = bench_parser(["baseline", "proposed", "pcl", "promptsg"], __doc__)
     parser.add_argument("--plugins", nargs="+", default=[], help="files or modules of methods of your own")
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.plugins:
         load_plugins(args.plugins)
-    if args.tiny:
-        args.steps, args.warmup, args.infer_batch, args.workers = min(args.steps, 3), 1, 16, 0
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = Path(args.data or Path(tmp) / "market")
-        if not (data_root / "bounding_box_train").is_dir():
-            if args.tiny:
-                generate_market(data_root, ids=24, cams=3, seed=0)
-            else:
-                generate_market(data_root, ids=MARKET["ids"], cams=MARKET["cams"], seed=0,
-                                train_only=True, train_images=MARKET["train_images"])
-        dataset = load_dataset("market1501", data_root, train_only=not args.tiny)
+        data_root, dataset = bench_dataset(args, tmp)
         rows = [row for name in args.methods for row in run(name, args, data_root, dataset)]
     print(f"device: {rows[0]['device']}"
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "")

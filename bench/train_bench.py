@@ -63,13 +63,52 @@ def timed(fn, device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def make_config(method: str, args, data_root: Path):
+def make_config(method: str, args, data_root: Path, extra: tuple[str, ...] = ()):
+    """The method's full-scale config (``--tiny``: the tiny model's), random weights, the bench's keys."""
     base = "tiny" if args.tiny else None
     overrides = [f"data.root={data_root}", f"output_dir={data_root / 'runs'}", "model.pretrained=none",
-                 f"device={args.device}", f"compile={args.compile}", f"data.num_workers={args.workers}"]
+                 f"device={args.device}", f"compile={args.compile}", f"data.num_workers={args.workers}", *extra]
     if args.tiny:
         overrides += ["stage2.ims_per_batch=16"]
     return reidlib.method_config(method, overrides, base=base)
+
+
+def bench_parser(methods: list[str], description: str = __doc__) -> argparse.ArgumentParser:
+    """The options the training benchmarks share (``methods``: the default ``--methods``; the first
+    line of ``description``, a script's docstring, for ``--help``)."""
+    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model and data set (CPU smoke test)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--infer-batch", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--data", default=None, help="reuse a generated set (else a temporary one)")
+    parser.add_argument("--methods", nargs="+", default=methods)
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.steps, args.warmup, args.infer_batch, args.workers = min(args.steps, 3), 1, 16, 0
+    return args
+
+
+def bench_dataset(args, tmp: str) -> tuple[Path, object]:
+    """(folder, data set) to time on: ``--data``, or a generated set in ``tmp`` (Market-size training
+    set on a GPU; with ``--tiny`` a 24-identity set with query and gallery)."""
+    data_root = Path(args.data or Path(tmp) / "market")
+    if not (data_root / "bounding_box_train").is_dir():
+        start = time.perf_counter()
+        if args.tiny:
+            generate_market(data_root, ids=24, cams=3, seed=0)
+        else:
+            generate_market(data_root, ids=MARKET["ids"], cams=MARKET["cams"], seed=0,
+                            train_only=True, train_images=MARKET["train_images"])
+        print(f"generated {data_root} in {time.perf_counter() - start:.0f} s")
+    return data_root, load_dataset("market1501", data_root, train_only=not args.tiny)
 
 
 def bench_stage1(model, cfg, runtime, dataset, cache, args) -> dict:
@@ -159,30 +198,9 @@ def run(method: str, args, data_root: Path, dataset) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny model and data set (CPU smoke test)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--infer-batch", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--data", default=None, help="reuse a generated set (else a temporary one)")
-    parser.add_argument("--methods", nargs="+", default=["baseline", "proposed"])
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.steps, args.warmup, args.infer_batch, args.workers = min(args.steps, 3), 1, 16, 0
+    args = parse_bench_args(bench_parser(["baseline", "proposed"]), argv)
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = Path(args.data or Path(tmp) / "market")
-        if not (data_root / "bounding_box_train").is_dir():
-            start = time.perf_counter()
-            if args.tiny:
-                generate_market(data_root, ids=24, cams=3, seed=0)
-            else:
-                generate_market(data_root, ids=MARKET["ids"], cams=MARKET["cams"], seed=0,
-                                train_only=True, train_images=MARKET["train_images"])
-            print(f"generated {data_root} in {time.perf_counter() - start:.0f} s")
-        dataset = load_dataset("market1501", data_root, train_only=not args.tiny)
+        data_root, dataset = bench_dataset(args, tmp)
         rows = [run(method, args, data_root, dataset) for method in args.methods]
     keys = ["decode_s", "stage1_cache_img_s", "stage1_prompts_s", "stage2_img_s", "inference_img_s",
             "peak_gpu_gb", "projected_min"]
