@@ -163,6 +163,23 @@ def use_fused_adam(params) -> bool:
     return all(p.is_cuda for p in params)
 
 
+def weight_and_bias_groups(params, lr: float, s) -> list[dict]:
+    """The reference's optimizer groups of the (name, parameter) pairs ``params``: weights at ``lr``
+    with ``s.weight_decay``, biases at ``lr x s.bias_lr_factor`` with ``s.weight_decay_bias`` (``s``:
+    the stage's config section); an empty group is left out.
+
+    >>> from reidlib.config import Stage2Config
+    >>> s = Stage2Config()
+    >>> [(len(g["params"]), g["lr"]) for g in weight_and_bias_groups([("w", nn.Parameter(torch.ones(1)))], 0.1, s)]
+    [(1, 0.1)]
+    """
+    weights = [p for name, p in params if not name.endswith("bias")]
+    biases = [p for name, p in params if name.endswith("bias")]
+    groups = [{"params": weights, "lr": lr, "weight_decay": s.weight_decay},
+              {"params": biases, "lr": lr * s.bias_lr_factor, "weight_decay": s.weight_decay_bias}]
+    return [g for g in groups if g["params"]]
+
+
 class ImageBatchStage(Stage):
     """Epochs of P x K batches of augmented training images (``stage2.ims_per_batch`` and
     ``stage2.num_instance``), the LR following ``stage2``'s warm-up and steps. Subclasses give
@@ -176,14 +193,9 @@ class ImageBatchStage(Stage):
         return set_trainable(model, "stage2")
 
     def optimizer(self, params, ctx: StageContext):
-        """Adam with the reference's groups: biases get LR x bias_lr_factor and their own decay."""
-        s = ctx.cfg.stage2
+        """Adam with the reference's groups (:func:`weight_and_bias_groups`)."""
         base_lr = self.base_lr(ctx.cfg, ctx.model)
-        weights = [p for name, p in params if not name.endswith("bias")]
-        biases = [p for name, p in params if name.endswith("bias")]
-        groups = [{"params": weights, "lr": base_lr, "weight_decay": s.weight_decay},
-                  {"params": biases, "lr": base_lr * s.bias_lr_factor, "weight_decay": s.weight_decay_bias}]
-        groups = [g for g in groups if g["params"]]
+        groups = weight_and_bias_groups(params, base_lr, ctx.cfg.stage2)
         fused = use_fused_adam([p for g in groups for p in g["params"]])
         return torch.optim.Adam(groups, lr=base_lr, fused=fused or None)
 

@@ -49,12 +49,11 @@ from torch.utils.data import DataLoader, Subset
 from ..data import ImageDataset, build_transforms, test_tensor_transform
 from ..losses import cross_entropy_ls
 from ..model.backbone import ReIDViT, reid_image_tower
-from ..model.reid import WeightsMismatch, describe_mismatch
+from ..model.reid import WeightsMismatch, describe_mismatch, load_start_clip
 from ..optim import stage2_schedule
 from ..runtime import Runtime, gather_tensor, shard
-from ..weights.clip import load_clip
-from ..weights.finetune import read_trained_source, take_trained_weights
-from .base import ImageBatchStage, Method, StageContext
+from ..weights.finetune import take_trained_weights
+from .base import ImageBatchStage, Method, StageContext, weight_and_bias_groups
 from .registry import register_method
 
 # --------------------------------------------------------------------------- the model
@@ -133,14 +132,7 @@ def build_pcl_model(cfg, num_classes: int) -> PCLModel:
     """The PCL-CLIP model of ``cfg``: CLIP's weights (``model.pretrained``), or the image encoder
     and BNs of a trained re-ID model (any method's, or the CLIP-ReID reference's) with a new
     classifier."""
-    source = read_trained_source(cfg.model)
-    if source is None:
-        clip = load_clip(cfg.model.name, cfg.model.pretrained, cfg.model.quick_gelu)
-    else:
-        if source.name != cfg.model.name.replace("/", "-"):
-            raise ValueError(f"model.pretrained={source.path} holds a {source.name} model but model.name is "
-                             f"{cfg.model.name}; set model.name={source.name}")
-        clip = load_clip(cfg.model.name, "none", "true" if source.quick_gelu else "false")
+    clip, source = load_start_clip(cfg.model, needs_text=False)     # no prompts to learn: any source
     model = PCLModel(clip, cfg.model, num_classes)     # the text tower is dropped with ``clip``
     if source is not None:
         take_trained_weights(model, source)
@@ -311,13 +303,9 @@ class PCLStage(ImageBatchStage):
         """SGD with momentum; weights and biases in the base stage's groups (the public code has
         one LR and one decay for all: ``stage2.bias_lr_factor`` 1 and ``weight_decay_bias`` =
         ``weight_decay`` in vit_pcl)."""
-        s = ctx.cfg.stage2
         base_lr = self.base_lr(ctx.cfg, ctx.model)
-        weights = [p for name, p in params if not name.endswith("bias")]
-        biases = [p for name, p in params if name.endswith("bias")]
-        groups = [{"params": weights, "lr": base_lr, "weight_decay": s.weight_decay},
-                  {"params": biases, "lr": base_lr * s.bias_lr_factor, "weight_decay": s.weight_decay_bias}]
-        return torch.optim.SGD([g for g in groups if g["params"]], lr=base_lr, momentum=self.opt.sgd_momentum)
+        groups = weight_and_bias_groups(params, base_lr, ctx.cfg.stage2)
+        return torch.optim.SGD(groups, lr=base_lr, momentum=self.opt.sgd_momentum)
 
     def schedule(self, cfg):
         """The public code steps WarmupMultiStepLR at the end of each epoch: epoch e (from 1)

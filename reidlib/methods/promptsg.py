@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..losses import cross_entropy_ls, supcon_loss, triplet_hard
 from ..model.promptsg import CHOICES, build_promptsg_model
-from .base import ImageBatchStage, Method, use_fused_adam
+from .base import ImageBatchStage, Method, use_fused_adam, weight_and_bias_groups
 from .registry import register_method
 
 NEW_MODULES = ("inversion.", "mim.")
@@ -139,11 +139,8 @@ class PromptSGStage(ImageBatchStage):
         s = ctx.cfg.stage2
         groups = []
         for new, lr in ((False, s.lr), (True, s.lr * self.opt.new_lr_factor)):
-            for bias in (False, True):
-                chosen = [p for n, p in params if n.startswith(NEW_MODULES) == new and n.endswith("bias") == bias]
-                if chosen:
-                    groups.append({"params": chosen, "lr": lr * (s.bias_lr_factor if bias else 1.0),
-                                   "weight_decay": s.weight_decay_bias if bias else s.weight_decay})
+            chosen = [(n, p) for n, p in params if n.startswith(NEW_MODULES) == new]
+            groups += weight_and_bias_groups(chosen, lr, s)
         fused = use_fused_adam([p for g in groups for p in g["params"]])
         return torch.optim.Adam(groups, lr=s.lr, fused=fused or None)
 

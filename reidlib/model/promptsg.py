@@ -38,12 +38,11 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from ..weights.clip import load_clip
-from ..weights.finetune import check_source, read_trained_source, take_trained_weights
+from ..weights.finetune import take_trained_weights
 from .attention import split_attention
 from .backbone import ReIDResNet, ReIDViT, reid_image_tower
 from .prompts import TextEncoder
-from .reid import WeightsMismatch, _bnneck, _classifier, describe_mismatch
+from .reid import WeightsMismatch, _bnneck, _classifier, describe_mismatch, load_start_clip
 
 CHOICES = {"kv_tokens": ("patches", "all"), "reweight": ("scale", "none"), "triplet_on": ("vit_mim", "mim"),
            "test_feature": ("f_mim", "mim"), "test_prompt": ("simplified", "composed")}
@@ -274,12 +273,7 @@ def build_promptsg_model(cfg, num_classes: int, **options) -> PromptSGModel:
     """The PromptSG model ``cfg`` (a ``ModelConfig``) describes, with the method's ``options``
     (keyword arguments of :class:`PromptSGModel`). As :func:`reidlib.model.build_model`, a trained
     re-ID model in ``cfg.pretrained`` gives its encoders (the classifiers start afresh)."""
-    source = read_trained_source(cfg)
-    if source is None:
-        clip = load_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
-    else:
-        check_source(cfg, source)
-        clip = load_clip(cfg.name, "none", "true" if source.quick_gelu else "false")
+    clip, source = load_start_clip(cfg)
     model = PromptSGModel(clip, cfg, num_classes, **options)
     if source is not None:
         take_trained_weights(model, source)      # through load_state_dict: the prompt cache follows

@@ -192,6 +192,19 @@ class ReIDModel(nn.Module):
         return torch.cat([self.encode_text(part) for part in labels.split(chunk or self.text_chunk)])
 
 
+def load_start_clip(cfg, needs_text: bool = True):
+    """(CLIP, trained source or None) a re-ID model of ``cfg`` (a ``ModelConfig``) starts from:
+    ``cfg.pretrained``'s CLIP weights, or, when it names a trained re-ID model (reidlib's folder or
+    checkpoint, the reference's state dict), CLIP's architecture with that model's activation, whose
+    encoders the caller then takes with :func:`~reidlib.weights.finetune.take_trained_weights`
+    (``needs_text``: the source must have a text encoder)."""
+    source = read_trained_source(cfg)
+    if source is None:
+        return load_clip(cfg.name, cfg.pretrained, cfg.quick_gelu), None
+    check_source(cfg, source, needs_text)
+    return load_clip(cfg.name, "none", "true" if source.quick_gelu else "false"), source
+
+
 def build_model(cfg, num_classes: int, num_cameras: int = 0, num_views: int = 0) -> ReIDModel:
     """The re-ID model that ``cfg`` (a ``reidlib.config.ModelConfig``) describes.
 
@@ -209,12 +222,7 @@ def build_model(cfg, num_classes: int, num_cameras: int = 0, num_views: int = 0)
         text = model.all_text_features()                     # [751, 512]
         feats = model.eval().encode_image(images)            # [B, 1280]
     """
-    source = read_trained_source(cfg)
-    if source is None:
-        clip = load_clip(cfg.name, cfg.pretrained, cfg.quick_gelu)
-    else:
-        check_source(cfg, source)
-        clip = load_clip(cfg.name, "none", "true" if source.quick_gelu else "false")
+    clip, source = load_start_clip(cfg)
     model = ReIDModel(clip, cfg, num_classes, num_cameras, num_views)
     if source is not None:       # before LoRA: the trained weights are plain Linears
         take_trained_weights(model, source)

@@ -85,12 +85,13 @@ def read_trained_source(model_cfg) -> TrainedSource | None:
     return None
 
 
-def check_source(model_cfg, source: TrainedSource) -> None:
-    """The new model must have the trained model's architecture and a text encoder to learn prompts with."""
+def check_source(model_cfg, source: TrainedSource, needs_text: bool = True) -> None:
+    """The new model must have the trained model's architecture and, when ``needs_text`` (a method
+    that learns prompts), a text encoder to learn them with."""
     if source.name != model_cfg.name.replace("/", "-"):
         raise ValueError(f"model.pretrained={source.path} holds a {source.name} model but model.name is "
                          f"{model_cfg.name}; set model.name={source.name}")
-    if not source.has_text:
+    if needs_text and not source.has_text:
         raise ValueError(f"model.pretrained={source.path} has no text encoder (the reference's make_model "
                          "baseline); fine-tune from a CLIP-ReID checkpoint, or start from CLIP's weights")
 
