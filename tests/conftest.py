@@ -90,6 +90,19 @@ def miniature(tmp_path_factory):
     return miniature_path(recipe, cache), recipe
 
 
+def untrained_metrics(cfg, dataset) -> dict:
+    """Test metrics of ``cfg``'s method's model as built before training (seeded with ``cfg.seed``,
+    as ``reidlib.train`` builds it): the start a learning test compares the trained model with."""
+    import torch
+
+    import reidlib
+    from reidlib.eval.inference import evaluate_model
+    from reidlib.runtime import setup_runtime
+    torch.manual_seed(cfg.seed)
+    untrained = reidlib.methods.build(cfg, dataset.num_train_pids, dataset.num_train_cams)
+    return evaluate_model(untrained, dataset, cfg, setup_runtime(cfg), progress=False)
+
+
 class KilledRun(Exception):
     """Stands for a kill -9 in the middle of an epoch."""
 

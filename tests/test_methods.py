@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import untrained_metrics
 
 import reidlib
 from reidlib.config import config_from_dict, load_config, to_dict
 from reidlib.data import load_dataset
-from reidlib.eval.inference import evaluate_model
 from reidlib.experiments import run_dir, run_sweep
 from reidlib.methods import (
     get_method,
@@ -22,7 +22,6 @@ from reidlib.methods import (
     run_label,
     variant_names,
 )
-from reidlib.runtime import setup_runtime
 from reidlib.storage import load_checkpoint
 
 PLUGIN = Path(__file__).parent / "plugins" / "plain_method.py"
@@ -99,9 +98,7 @@ def test_a_plugin_method_learns_resumes_bit_identically_and_reloads(synth_root, 
                                                                     one_thread):
     straight_cfg = plain_cfg(synth_root, tmp_path / "straight")
     dataset = load_dataset("market1501", synth_root)
-    torch.manual_seed(straight_cfg.seed)
-    untrained = reidlib.methods.build(straight_cfg, dataset.num_train_pids, dataset.num_train_cams)
-    before = evaluate_model(untrained, dataset, straight_cfg, setup_runtime(straight_cfg), progress=False)
+    before = untrained_metrics(straight_cfg, dataset)
     straight = reidlib.train(straight_cfg)
     assert straight["mAP"] > before["mAP"] + 0.05, (before["mAP"], straight["mAP"])
 

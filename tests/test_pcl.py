@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
+from conftest import untrained_metrics
 
 import reidlib
 from reidlib.config import load_config
 from reidlib.data import load_dataset
-from reidlib.eval.inference import evaluate_model
 from reidlib.methods import StageContext, get_method, method_config, optimizer_step
 from reidlib.methods.pcl import (
     PASS_STRIDE,
@@ -29,7 +29,7 @@ from reidlib.methods.pcl import (
 )
 from reidlib.model.reid import WeightsMismatch
 from reidlib.optim import set_epoch_lr
-from reidlib.runtime import Runtime, setup_runtime
+from reidlib.runtime import Runtime
 from reidlib.storage import load_checkpoint, save_checkpoint
 from reidlib.weights import model_record
 
@@ -428,9 +428,7 @@ def train_cfg(root, out, *extra):
 def test_pcl_learns_resumes_bit_identically_and_reloads(synth_root, tmp_path, train_killed_in_epoch):
     straight_cfg = train_cfg(synth_root, tmp_path / "straight")
     dataset = load_dataset("market1501", synth_root)
-    torch.manual_seed(straight_cfg.seed)
-    untrained = reidlib.methods.build(straight_cfg, dataset.num_train_pids, dataset.num_train_cams)
-    before = evaluate_model(untrained, dataset, straight_cfg, setup_runtime(straight_cfg), progress=False)
+    before = untrained_metrics(straight_cfg, dataset)
     straight = reidlib.train(straight_cfg)
     print(f"PCL tiny mAP {before['mAP']:.3f} -> {straight['mAP']:.3f}")
     assert straight["mAP"] > before["mAP"] + 0.1, (before["mAP"], straight["mAP"])

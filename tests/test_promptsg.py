@@ -12,15 +12,14 @@ from types import SimpleNamespace
 import open_clip
 import pytest
 import torch
+from conftest import untrained_metrics
 
 import reidlib
 from reidlib.config import CONFIG_DIR
 from reidlib.data import load_dataset
-from reidlib.eval.inference import evaluate_model
 from reidlib.methods import get_method, method_config, variant_names
 from reidlib.methods.promptsg import PromptSGLoss, PromptSGStage, symmetric_supcon
 from reidlib.model.promptsg import new_module_parameters, vit_tokens
-from reidlib.runtime import setup_runtime
 from reidlib.storage import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,9 +205,7 @@ def straight(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("promptsg_straight")
     cfg = method_config("promptsg", [f"data.root={synth_root}", f"output_dir={out}", *SHORT], base="tiny")
     dataset = load_dataset("market1501", synth_root)
-    torch.manual_seed(cfg.seed)
-    untrained = reidlib.methods.build(cfg, dataset.num_train_pids, dataset.num_train_cams)
-    before = evaluate_model(untrained, dataset, cfg, setup_runtime(cfg), progress=False)["mAP"]
+    before = untrained_metrics(cfg, dataset)["mAP"]
     return cfg, out, before, reidlib.train(cfg)
 
 
