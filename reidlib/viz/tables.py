@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -153,7 +154,6 @@ GROUPS_FILE = "groups.json"
 
 def write_groups(root: str | Path, groups: dict[str, str]) -> Path:
     """Record ``{label: subfolder}`` in ``root/groups.json``, for :func:`collect_runs`."""
-    import json
     path = Path(root) / GROUPS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(groups, indent=1) + "\n")
@@ -175,7 +175,6 @@ def collect_runs(root: str | Path, groups: dict | str | None = "auto") -> pd.Dat
         raise ValueError(f"groups={groups!r}: give {{label: folder}}, 'auto' or None")
     listed = Path(root) / GROUPS_FILE
     if groups == "auto" and listed.is_file():
-        import json
         try:
             named = json.loads(listed.read_text())
         except ValueError as err:
